@@ -1,0 +1,67 @@
+"""Shared fixtures: every test gets its own database and RabbitMQ vhost on the real servers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+
+from tests import servers
+from tests.stripe_events import TEST_SECRET
+from worker.settings import Settings
+
+_vhosts = servers.VhostPool()
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    import asyncio
+
+    name = asyncio.run(servers.create_template())
+    yield name
+    asyncio.run(servers.drop_database(name))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_vhosts() -> Iterator[None]:
+    yield
+    _vhosts.delete_all()
+
+
+@pytest_asyncio.fixture
+async def database_url(pg_template: str) -> AsyncIterator[str]:
+    """A freshly migrated database of this test's own."""
+    name = await servers.clone_database(pg_template)
+    yield servers.database_url(name)
+    await servers.drop_database(name)
+
+
+@pytest_asyncio.fixture
+async def amqp_url() -> AsyncIterator[str]:
+    """A RabbitMQ vhost of this test's own (deleted with the session)."""
+    yield servers.amqp_url(await _vhosts.take())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def settings(database_url: str, amqp_url: str) -> Settings:
+    """Settings pointing at this test's own database and vhost, with short retry delays."""
+    return Settings(
+        database_url=database_url,
+        amqp_url=amqp_url,
+        webhook_secrets=(TEST_SECRET,),
+        http_port=free_port(),
+        worker_http_port=free_port(),
+        retry_delays_s=(0.2, 0.5, 1.0),
+        unmatched_retry_s=30,
+        max_attempts=3,
+        log_format="json",
+        log_level="info",
+    )

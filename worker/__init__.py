@@ -1,0 +1,1 @@
+"""stripe-recon: receiver, consumer runtime, settings, logging and CLI."""

@@ -1,0 +1,102 @@
+"""The AMQP connection and the one way we publish: persistent, mandatory, confirmed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from worker import topology
+from worker.settings import Settings
+
+PUBLISH_TIMEOUT_S = 5.0
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message (down, nack, unroutable or timeout): not durable."""
+
+
+async def connect(amqp_url: str) -> AbstractRobustConnection:
+    """A robust connection: it reconnects by itself and restores channels after a broker restart."""
+    return await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": "stripe-recon"})
+
+
+async def open_confirm_channel(connection: AbstractRobustConnection) -> AbstractChannel:
+    # on_return_raises: an unroutable mandatory publish must fail, not be confirmed into nowhere.
+    return await connection.channel(publisher_confirms=True, on_return_raises=True)
+
+
+async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
+    channel = await connection.channel()
+    try:
+        await topology.declare(channel, settings.max_attempts, settings.retry_delays_s)
+    finally:
+        await channel.close()
+
+
+def event_message(
+    body: bytes,
+    event_id: str,
+    event_type: str,
+    created: int,
+    headers: Mapping[str, Any] | None = None,
+) -> aio_pika.Message:
+    all_headers: dict[str, Any] = {topology.HEADER_CREATED: created}
+    all_headers.setdefault(topology.HEADER_FIRST_SEEN_MS, int(time.time() * 1000))
+    if headers:
+        all_headers.update(headers)
+    return aio_pika.Message(
+        body,
+        message_id=event_id,
+        type=event_type,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers=all_headers,
+    )
+
+
+class Publisher:
+    """Publishes on one confirm channel; many publishes may be in flight at once."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self._channel = channel
+        self._events: AbstractExchange | None = None
+
+    async def _events_exchange(self) -> AbstractExchange:
+        if self._events is None:
+            self._events = await self._channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
+        return self._events
+
+    async def publish_event(self, message: aio_pika.Message) -> None:
+        """Route by event type into the work queue; returns only once the broker confirmed."""
+        exchange = await self._events_exchange()
+        await self._confirm(exchange, message, routing_key=message.type or "")
+
+    async def publish_to_queue(self, message: aio_pika.Message, queue_name: str) -> None:
+        """Straight into a named queue (retry wait queues, the work queue on replay)."""
+        await self._confirm(self._channel.default_exchange, message, routing_key=queue_name)
+
+    async def publish_dead_letter(self, message: aio_pika.Message) -> None:
+        exchange = await self._channel.get_exchange(topology.DEAD_EXCHANGE, ensure=False)
+        await self._confirm(exchange, message, routing_key="")
+
+    async def _confirm(self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
+        try:
+            confirmation = await exchange.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+            )
+        except (
+            aio_pika.exceptions.AMQPError,
+            aiormq.exceptions.AMQPError,
+            ConnectionError,
+            asyncio.TimeoutError,
+            RuntimeError,  # aio-pika raises it for a channel that is closed or reconnecting
+        ) as exc:
+            raise PublishFailed(type(exc).__name__) from exc
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            raise PublishFailed(f"broker answered {type(confirmation).__name__}")

@@ -1,0 +1,124 @@
+"""The ``recon`` console script (CONTRACT §2). Bad arguments or settings exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from typing import NoReturn
+
+from worker.logs import configure_logging
+from worker.settings import Settings, SettingsError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line, not argparse's usage block: ops grep for it.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def parse_day(text: str) -> datetime:
+    """A DATE argument: YYYY-MM-DD (UTC midnight) or a full ISO-8601 timestamp."""
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), datetime.min.time(), tzinfo=UTC)
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="recon", description="Reconcile Stripe refunds and disputes into a PostgreSQL ledger.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    migrate = commands.add_parser("migrate", help="apply schema/ migrations (idempotent, concurrency-safe)")
+    migrate.add_argument("--create-db", action="store_true", help="create the database first if it is missing")
+    commands.add_parser("receiver", help="run the webhook receiver")
+    commands.add_parser("worker", help="run the reconciliation consumers")
+    commands.add_parser("run", help="receiver and worker in one process")
+
+    dead = commands.add_parser("dead-letters", help="inspect and re-queue dead-lettered events")
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True, parser_class=_Parser)
+    dead_list = dead_commands.add_parser("list", help="list dead-lettered events")
+    dead_list.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    replay = dead_commands.add_parser("replay", help="re-queue dead-lettered events for fresh attempts")
+    replay.add_argument("event_ids", nargs="*", metavar="EVENT_ID")
+    replay.add_argument("--all", action="store_true", help="replay every dead-lettered event")
+
+    backfill = commands.add_parser("backfill", help="queue events from the Stripe API the inbox has not seen")
+    backfill.add_argument("--since", type=parse_day, required=True, metavar="DATE")
+    backfill.add_argument("--until", type=parse_day, metavar="DATE")
+
+    report = commands.add_parser("report", help="print the finance summary")
+    report.add_argument("--since", type=parse_day, metavar="DATE")
+    report.add_argument("--currency", type=str.lower, metavar="CUR")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    demo = commands.add_parser("demo", help="seed sample data and send signed webhooks to a running receiver")
+    demo.add_argument("--url", help="receiver base URL (default: from RECON_HTTP_HOST/RECON_HTTP_PORT)")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    # Imports are local: `recon migrate` must not pay for aiohttp, `recon report` for aio-pika.
+    if args.command == "migrate":
+        from worker import migrate
+
+        async def _migrate() -> None:
+            if args.create_db:
+                await migrate.create_database(settings.database_url)
+            await migrate.apply_migrations(settings.database_url)
+
+        asyncio.run(_migrate())
+        return 0
+    if args.command in ("receiver", "worker", "run"):
+        from worker import serve
+
+        return serve.serve(args.command, settings)
+    if args.command == "dead-letters":
+        from worker import deadletters
+
+        if args.dead_command == "list":
+            return asyncio.run(deadletters.list_dead_letters(settings, as_json=args.json))
+        if bool(args.event_ids) == bool(args.all):
+            raise SettingsError("dead-letters replay takes EVENT_ID... or --all, not both and not neither")
+        return asyncio.run(deadletters.replay(settings, args.event_ids, replay_all=args.all))
+    if args.command == "backfill":
+        from worker import backfill
+
+        return asyncio.run(backfill.backfill(settings, since=args.since, until=args.until))
+    if args.command == "report":
+        from worker import report
+
+        return asyncio.run(report.print_report(settings, since=args.since, currency=args.currency, fmt=args.format))
+    if args.command == "demo":
+        from worker import demo
+
+        return asyncio.run(demo.run_demo(settings, base_url=args.url))
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        configure_logging(settings.log_format, settings.log_level)
+        return _dispatch(args, settings)
+    except SettingsError as exc:
+        print(f"recon: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ConnectionError) as exc:
+        # Server unreachable: one line, no traceback, never the URL (it may hold a password).
+        print(f"recon: error: cannot reach a server: {type(exc).__name__}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

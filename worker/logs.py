@@ -1,0 +1,43 @@
+"""structlog configured once: JSON lines by default, console for humans (LOG_FORMAT)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_SECRET = re.compile(r"(whsec_|sk_live_|sk_test_|rk_live_|rk_test_)[A-Za-z0-9]+")
+
+
+def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Last line of defence: no e-mail address or Stripe secret leaves the process in a log line."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = _SECRET.sub(r"\1[redacted]", _EMAIL.sub("[email]", value))
+    return event_dict
+
+
+def configure_logging(log_format: str = "json", log_level: str = "info") -> None:
+    level = getattr(logging, log_level.upper())
+    logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level, force=True)
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if log_format == "console" else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )

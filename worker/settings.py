@@ -1,0 +1,133 @@
+"""Settings: one frozen dataclass built from the environment (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/recon"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Waits between retries of an event that cannot apply yet; the last one repeats until
+# RECON_UNMATCHED_RETRY_S runs out. Not in the contract: tests shorten it.
+DEFAULT_RETRY_DELAYS_S = (5.0, 30.0, 120.0, 600.0, 1800.0)
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the CLI prints it as one line and exits 2."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _livemode(env: Mapping[str, str]) -> bool | None:
+    raw = env.get("STRIPE_LIVEMODE", "").strip().lower()
+    if raw == "":
+        return None
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"STRIPE_LIVEMODE must be true or false, got {raw!r}")
+
+
+def _secrets(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("STRIPE_WEBHOOK_SECRETS", "")
+    secrets = tuple(s.strip() for s in raw.split(",") if s.strip())
+    for secret in secrets:
+        if not secret.startswith("whsec_"):
+            # Never echo the value: it is a secret even when malformed.
+            raise SettingsError("STRIPE_WEBHOOK_SECRETS entries must start with whsec_")
+    return secrets
+
+
+def _retry_delays(env: Mapping[str, str]) -> tuple[float, ...]:
+    raw = env.get("RECON_RETRY_DELAYS_S", "").strip()
+    if not raw:
+        return DEFAULT_RETRY_DELAYS_S
+    try:
+        delays = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise SettingsError(f"RECON_RETRY_DELAYS_S must be comma-separated seconds, got {raw!r}") from None
+    if not delays or any(d <= 0 for d in delays) or list(delays) != sorted(delays):
+        raise SettingsError("RECON_RETRY_DELAYS_S must be positive and ascending")
+    return delays
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name, default).strip().lower() or default
+    if value not in allowed:
+        raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = DEFAULT_DATABASE_URL
+    amqp_url: str = DEFAULT_AMQP_URL
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    webhook_tolerance_s: int = 300
+    livemode: bool | None = None
+    stripe_api_key: str | None = field(default=None, repr=False)
+    stripe_api_base: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    worker_http_port: int = 8081
+    max_body_bytes: int = 1_048_576
+    worker_concurrency: int = 32
+    max_attempts: int = 8
+    unmatched_retry_s: int = 3600
+    retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+    log_format: str = "json"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build from ``env`` (default: ``.env`` in the working directory, overridden by os.environ)."""
+        if env is None:
+            env = load_environment()
+        return cls(
+            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+            amqp_url=env.get("AMQP_URL") or DEFAULT_AMQP_URL,
+            webhook_secrets=_secrets(env),
+            webhook_tolerance_s=_int(env, "STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=1),
+            livemode=_livemode(env),
+            stripe_api_key=env.get("STRIPE_API_KEY") or None,
+            stripe_api_base=env.get("STRIPE_API_BASE") or None,
+            http_host=env.get("RECON_HTTP_HOST") or "127.0.0.1",
+            http_port=_int(env, "RECON_HTTP_PORT", 8080),
+            worker_http_port=_int(env, "RECON_WORKER_HTTP_PORT", 8081),
+            max_body_bytes=_int(env, "RECON_MAX_BODY_BYTES", 1_048_576, minimum=1),
+            worker_concurrency=_int(env, "RECON_WORKER_CONCURRENCY", 32, minimum=1),
+            max_attempts=_int(env, "RECON_MAX_ATTEMPTS", 8, minimum=1),
+            unmatched_retry_s=_int(env, "RECON_UNMATCHED_RETRY_S", 3600, minimum=0),
+            retry_delays_s=_retry_delays(env),
+            log_format=_choice(env, "LOG_FORMAT", "json", ("json", "console")),
+            log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
+
+    def require_webhook_secrets(self) -> None:
+        if not self.webhook_secrets:
+            raise SettingsError(
+                "STRIPE_WEBHOOK_SECRETS is not set: the receiver refuses to start without a whsec_ secret"
+            )
+
+
+def load_environment(dotenv_path: Path | None = None) -> dict[str, str]:
+    """The process environment over the values of ``.env`` (the environment wins)."""
+    path = dotenv_path or Path.cwd() / ".env"
+    from_file = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
+    return {**from_file, **os.environ}

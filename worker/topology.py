@@ -1,0 +1,124 @@
+"""Every exchange, queue, routing key and header name, declared from this one module.
+
+Path of a message:
+  stripe.events (topic, key = event type) ──▶ recon.events (quorum work queue)
+  worker defers  ──▶ recon.retry.<delay> (classic, TTL) ──dead-letters back──▶ recon.events
+  worker gives up ──▶ recon.dead (fanout) ──▶ recon.dead-letters
+  a message redelivered x-delivery-limit times (a crash loop) is dead-lettered by RabbitMQ
+  itself into recon.dead, at-least-once.
+deploy/rabbitmq/definitions.json is generated from ``definitions()``; a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel
+
+from worker.events import HANDLED_TYPES
+from worker.settings import DEFAULT_RETRY_DELAYS_S
+
+EVENTS_EXCHANGE = "stripe.events"
+WORK_QUEUE = "recon.events"
+DEAD_EXCHANGE = "recon.dead"
+DEAD_QUEUE = "recon.dead-letters"
+RETRY_QUEUE_PREFIX = "recon.retry."
+
+HEADER_CREATED = "stripe-created"
+HEADER_ATTEMPT = "x-recon-attempt"          # 1 on first delivery, +1 per deferral or failure
+HEADER_FAILURES = "x-recon-failures"        # failed attempts only: RECON_MAX_ATTEMPTS bounds these
+HEADER_FIRST_SEEN_MS = "x-recon-first-seen-ms"
+HEADER_ERROR = "x-recon-error"              # last error, on dead-lettered messages
+
+
+def retry_queue_name(delay_s: float) -> str:
+    ms = round(delay_s * 1000)
+    return f"{RETRY_QUEUE_PREFIX}{ms // 1000}s" if ms % 1000 == 0 else f"{RETRY_QUEUE_PREFIX}{ms}ms"
+
+
+def retry_delay_for(attempt: int, delays_s: tuple[float, ...]) -> float:
+    """Growing delays: the n-th deferral waits delays[n-1], the last one repeats."""
+    return delays_s[min(max(attempt, 1), len(delays_s)) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    arguments: dict[str, Any]
+
+
+def work_queue(max_attempts: int) -> QueueSpec:
+    return QueueSpec(
+        WORK_QUEUE,
+        {
+            "x-queue-type": "quorum",
+            # Catches crash loops (a message that kills the worker each time); ordinary failures
+            # are counted by the worker in HEADER_FAILURES and dead-lettered with their error.
+            "x-delivery-limit": max_attempts,
+            "x-dead-letter-exchange": DEAD_EXCHANGE,
+            # at-least-once dead-lettering requires reject-publish overflow.
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        },
+    )
+
+
+def retry_queues(delays_s: tuple[float, ...]) -> list[QueueSpec]:
+    return [
+        QueueSpec(
+            retry_queue_name(delay),
+            {
+                "x-message-ttl": round(delay * 1000),
+                "x-dead-letter-exchange": "",
+                # Without the routing key an expired message keeps the wait queue's name as key
+                # and is silently dropped.
+                "x-dead-letter-routing-key": WORK_QUEUE,
+            },
+        )
+        for delay in delays_s
+    ]
+
+
+def dead_queue() -> QueueSpec:
+    return QueueSpec(DEAD_QUEUE, {"x-queue-type": "quorum"})
+
+
+async def declare(channel: AbstractChannel, max_attempts: int, retry_delays_s: tuple[float, ...]) -> None:
+    """Idempotent; called by receiver and worker start-up. Argument drift fails with PRECONDITION_FAILED."""
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    spec = work_queue(max_attempts)
+    queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+    for event_type in sorted(HANDLED_TYPES):
+        await queue.bind(events, routing_key=event_type)
+    for retry in retry_queues(retry_delays_s):
+        await channel.declare_queue(retry.name, durable=True, arguments=retry.arguments)
+    dlq = dead_queue()
+    dead_letters = await channel.declare_queue(dlq.name, durable=True, arguments=dlq.arguments)
+    await dead_letters.bind(dead, routing_key="")
+
+
+def definitions(max_attempts: int = 8, retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S) -> dict[str, Any]:
+    """RabbitMQ definitions (the management import format) for the default settings."""
+    vhost = "/"
+    queues = [work_queue(max_attempts), *retry_queues(retry_delays_s), dead_queue()]
+    return {
+        "exchanges": [
+            {"name": EVENTS_EXCHANGE, "vhost": vhost, "type": "topic", "durable": True,
+             "auto_delete": False, "internal": False, "arguments": {}},
+            {"name": DEAD_EXCHANGE, "vhost": vhost, "type": "fanout", "durable": True,
+             "auto_delete": False, "internal": False, "arguments": {}},
+        ],
+        "queues": [
+            {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": q.arguments}
+            for q in queues
+        ],
+        "bindings": [
+            *({"source": EVENTS_EXCHANGE, "vhost": vhost, "destination": WORK_QUEUE,
+               "destination_type": "queue", "routing_key": t, "arguments": {}} for t in sorted(HANDLED_TYPES)),
+            {"source": DEAD_EXCHANGE, "vhost": vhost, "destination": DEAD_QUEUE,
+             "destination_type": "queue", "routing_key": "", "arguments": {}},
+        ],
+    }

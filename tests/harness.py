@@ -57,7 +57,11 @@ async def post_event(
 
 
 async def wait_until(
-    probe: Callable[[], Awaitable[T]], *, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = "condition"
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout_s: float = 20.0,
+    interval_s: float = 0.05,
+    what: str = "condition",
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail with ``what`` after the deadline."""
     deadline = time.monotonic() + timeout_s
@@ -82,7 +86,8 @@ async def events_settled(database_url: str, event_ids: list[str]) -> bool:
     """True once every event has a final outcome in finance.events (not retrying)."""
     rows = await fetch(
         database_url,
-        "select count(*) as n from finance.events where stripe_event_id = any($1::text[]) and outcome <> 'retrying'",
+        "select count(*) as n from finance.events"
+        " where stripe_event_id = any($1::text[]) and outcome <> 'retrying'",
         list(set(event_ids)),
     )
     return bool(rows[0]["n"] == len(set(event_ids)))

@@ -67,9 +67,9 @@ class VhostPool:
         names = [f"recon-test-{RUN_TAG}-{self._counter + i}" for i in range(self.BATCH)]
         self._counter += self.BATCH
         expr = (
-            f"[begin rabbit_vhost:add(V, <<\"recon-tests\">>), "
-            f"rabbit_auth_backend_internal:set_permissions(<<\"guest\">>, V, <<\".*\">>, <<\".*\">>, "
-            f"<<\".*\">>, <<\"recon-tests\">>) end || V <- {_erl_binaries(names)}], ok."
+            f'[begin rabbit_vhost:add(V, <<"recon-tests">>), '
+            f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, V, <<".*">>, <<".*">>, '
+            f'<<".*">>, <<"recon-tests">>) end || V <- {_erl_binaries(names)}], ok.'
         )
         subprocess.run(["rabbitmqctl", "-q", "eval", expr], check=True, capture_output=True, timeout=60)
         self._free.extend(names)
@@ -83,7 +83,7 @@ class VhostPool:
 
     def delete_all(self) -> None:
         if self._made:
-            expr = f"[rabbit_vhost:delete(V, <<\"recon-tests\">>) || V <- {_erl_binaries(self._made)}], ok."
+            expr = f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(self._made)}], ok.'
             subprocess.run(["rabbitmqctl", "-q", "eval", expr], capture_output=True, timeout=120)
             self._made.clear()
 

@@ -13,8 +13,8 @@ import stripe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "stripe"
 TEST_SECRET = "whsec_test_6f1c0b2e8d7a4c3b9e5f1a2d"
-OLD_API_VERSION = "2020-08-27"   # embeds charge.refunds
-NEW_API_VERSION = "2024-06-20"   # no embedded refunds, no refund.* events for charge refunds
+OLD_API_VERSION = "2020-08-27"  # embeds charge.refunds
+NEW_API_VERSION = "2024-06-20"  # no embedded refunds, no refund.* events for charge refunds
 _ids = itertools.count(1)
 
 

@@ -63,13 +63,20 @@ def _recon(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         (("no-such-command",), {}),
     ],
 )
-def test_cli_bad_settings_exit_2_with_one_line(args: tuple[str, ...], env_extra: dict[str, str], tmp_path) -> None:
+def test_cli_bad_settings_exit_2_with_one_line(
+    args: tuple[str, ...], env_extra: dict[str, str], tmp_path
+) -> None:
     """A missing or bad setting or argument exits 2 with exactly one line on stderr."""
     import os
 
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env_extra}
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [sys.executable, "-m", "worker.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

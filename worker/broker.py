@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -94,7 +93,7 @@ class Publisher:
             aio_pika.exceptions.AMQPError,
             aiormq.exceptions.AMQPError,
             ConnectionError,
-            asyncio.TimeoutError,
+            TimeoutError,
             RuntimeError,  # aio-pika raises it for a channel that is closed or reconnecting
         ) as exc:
             raise PublishFailed(type(exc).__name__) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import NoReturn
 
@@ -33,11 +33,15 @@ def parse_day(text: str) -> datetime:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="recon", description="Reconcile Stripe refunds and disputes into a PostgreSQL ledger.")
+    parser = _Parser(
+        prog="recon", description="Reconcile Stripe refunds and disputes into a PostgreSQL ledger."
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     migrate = commands.add_parser("migrate", help="apply schema/ migrations (idempotent, concurrency-safe)")
-    migrate.add_argument("--create-db", action="store_true", help="create the database first if it is missing")
+    migrate.add_argument(
+        "--create-db", action="store_true", help="create the database first if it is missing"
+    )
     commands.add_parser("receiver", help="run the webhook receiver")
     commands.add_parser("worker", help="run the reconciliation consumers")
     commands.add_parser("run", help="receiver and worker in one process")
@@ -64,43 +68,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
-    # Imports are local: `recon migrate` must not pay for aiohttp, `recon report` for aio-pika.
-    if args.command == "migrate":
-        from worker import migrate
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import migrate
 
-        async def _migrate() -> None:
-            if args.create_db:
-                await migrate.create_database(settings.database_url)
-            await migrate.apply_migrations(settings.database_url)
+    async def _run() -> None:
+        if args.create_db:
+            await migrate.create_database(settings.database_url)
+        await migrate.apply_migrations(settings.database_url)
 
-        asyncio.run(_migrate())
-        return 0
-    if args.command in ("receiver", "worker", "run"):
-        from worker import serve
+    asyncio.run(_run())
+    return 0
 
-        return serve.serve(args.command, settings)
-    if args.command == "dead-letters":
-        from worker import deadletters
 
-        if args.dead_command == "list":
-            return asyncio.run(deadletters.list_dead_letters(settings, as_json=args.json))
-        if bool(args.event_ids) == bool(args.all):
-            raise SettingsError("dead-letters replay takes EVENT_ID... or --all, not both and not neither")
-        return asyncio.run(deadletters.replay(settings, args.event_ids, replay_all=args.all))
-    if args.command == "backfill":
-        from worker import backfill
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import serve
 
-        return asyncio.run(backfill.backfill(settings, since=args.since, until=args.until))
-    if args.command == "report":
-        from worker import report
+    return serve.serve(args.command, settings)
 
-        return asyncio.run(report.print_report(settings, since=args.since, currency=args.currency, fmt=args.format))
-    if args.command == "demo":
-        from worker import demo
 
-        return asyncio.run(demo.run_demo(settings, base_url=args.url))
-    raise AssertionError(args.command)
+def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import deadletters
+
+    if args.dead_command == "list":
+        return asyncio.run(deadletters.list_dead_letters(settings, as_json=args.json))
+    if bool(args.event_ids) == bool(args.all):
+        raise SettingsError("dead-letters replay takes EVENT_ID... or --all, not both and not neither")
+    return asyncio.run(deadletters.replay(settings, args.event_ids, replay_all=args.all))
+
+
+def _backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import backfill
+
+    return asyncio.run(backfill.backfill(settings, since=args.since, until=args.until))
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import report
+
+    return asyncio.run(
+        report.print_report(settings, since=args.since, currency=args.currency, fmt=args.format)
+    )
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from worker import demo
+
+    return asyncio.run(demo.run_demo(settings, base_url=args.url))
+
+
+# Imports stay inside each command: `recon migrate` must not pay for aiohttp, `recon report` for aio-pika.
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "migrate": _migrate,
+    "receiver": _serve,
+    "worker": _serve,
+    "run": _serve,
+    "dead-letters": _dead_letters,
+    "backfill": _backfill,
+    "report": _report,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,13 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_format, settings.log_level)
-        return _dispatch(args, settings)
+        return _COMMANDS[args.command](args, settings)
     except SettingsError as exc:
         print(f"recon: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (OSError, ConnectionError) as exc:
         # Server unreachable: one line, no traceback, never the URL (it may hold a password).
-        print(f"recon: error: cannot reach a server: {type(exc).__name__}: {exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"recon: error: cannot reach a server: {type(exc).__name__}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

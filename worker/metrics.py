@@ -1,4 +1,7 @@
-"""Every Prometheus metric the receiver and the worker expose, in one place (docs/operations.md lists them)."""
+"""Every Prometheus metric the receiver and the worker expose, in one place.
+
+docs/operations.md lists them; keep the two in step.
+"""
 
 from __future__ import annotations
 

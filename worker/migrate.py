@@ -77,7 +77,10 @@ async def apply_migrations(database_url: str) -> list[str]:
                 )
                 """
             )
-            done = {r["version"]: r["checksum"] for r in await con.fetch("select version, checksum from recon.schema_migrations")}
+            done = {
+                r["version"]: r["checksum"]
+                for r in await con.fetch("select version, checksum from recon.schema_migrations")
+            }
             for migration in load_migrations():
                 if migration.version in done:
                     if done[migration.version] != migration.checksum:

@@ -27,10 +27,10 @@ DEAD_QUEUE = "recon.dead-letters"
 RETRY_QUEUE_PREFIX = "recon.retry."
 
 HEADER_CREATED = "stripe-created"
-HEADER_ATTEMPT = "x-recon-attempt"          # 1 on first delivery, +1 per deferral or failure
-HEADER_FAILURES = "x-recon-failures"        # failed attempts only: RECON_MAX_ATTEMPTS bounds these
+HEADER_ATTEMPT = "x-recon-attempt"  # 1 on first delivery, +1 per deferral or failure
+HEADER_FAILURES = "x-recon-failures"  # failed attempts only: RECON_MAX_ATTEMPTS bounds these
 HEADER_FIRST_SEEN_MS = "x-recon-first-seen-ms"
-HEADER_ERROR = "x-recon-error"              # last error, on dead-lettered messages
+HEADER_ERROR = "x-recon-error"  # last error, on dead-lettered messages
 
 
 def retry_queue_name(delay_s: float) -> str:
@@ -100,25 +100,56 @@ async def declare(channel: AbstractChannel, max_attempts: int, retry_delays_s: t
     await dead_letters.bind(dead, routing_key="")
 
 
-def definitions(max_attempts: int = 8, retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S) -> dict[str, Any]:
+def definitions(
+    max_attempts: int = 8, retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+) -> dict[str, Any]:
     """RabbitMQ definitions (the management import format) for the default settings."""
     vhost = "/"
     queues = [work_queue(max_attempts), *retry_queues(retry_delays_s), dead_queue()]
     return {
         "exchanges": [
-            {"name": EVENTS_EXCHANGE, "vhost": vhost, "type": "topic", "durable": True,
-             "auto_delete": False, "internal": False, "arguments": {}},
-            {"name": DEAD_EXCHANGE, "vhost": vhost, "type": "fanout", "durable": True,
-             "auto_delete": False, "internal": False, "arguments": {}},
+            {
+                "name": EVENTS_EXCHANGE,
+                "vhost": vhost,
+                "type": "topic",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            },
+            {
+                "name": DEAD_EXCHANGE,
+                "vhost": vhost,
+                "type": "fanout",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            },
         ],
         "queues": [
             {"name": q.name, "vhost": vhost, "durable": True, "auto_delete": False, "arguments": q.arguments}
             for q in queues
         ],
         "bindings": [
-            *({"source": EVENTS_EXCHANGE, "vhost": vhost, "destination": WORK_QUEUE,
-               "destination_type": "queue", "routing_key": t, "arguments": {}} for t in sorted(HANDLED_TYPES)),
-            {"source": DEAD_EXCHANGE, "vhost": vhost, "destination": DEAD_QUEUE,
-             "destination_type": "queue", "routing_key": "", "arguments": {}},
+            *(
+                {
+                    "source": EVENTS_EXCHANGE,
+                    "vhost": vhost,
+                    "destination": WORK_QUEUE,
+                    "destination_type": "queue",
+                    "routing_key": t,
+                    "arguments": {},
+                }
+                for t in sorted(HANDLED_TYPES)
+            ),
+            {
+                "source": DEAD_EXCHANGE,
+                "vhost": vhost,
+                "destination": DEAD_QUEUE,
+                "destination_type": "queue",
+                "routing_key": "",
+                "arguments": {},
+            },
         ],
     }

@@ -1,0 +1,141 @@
+"""``recon dead-letters list|replay`` against the real database and the test's own vhost."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from tests.harness import fetch
+from tests.stripe_events import encode, fixture, make_event, unique_id
+from tests.work_queue import drain_work_queue
+from worker import deadletters, topology
+from worker.settings import Settings
+
+
+async def _store_dead_letter(
+    database_url: str, event: dict[str, object], *, error: str, replayed: bool = False
+) -> bytes:
+    body = encode(event)
+    seen = datetime.now(UTC) - timedelta(hours=2)
+    con = await asyncpg.connect(database_url)
+    try:
+        await con.execute(
+            """
+            insert into recon.dead_letters
+                (event_id, event_type, body, last_error, attempts, first_seen_at, last_seen_at, replayed_at)
+            values ($1, $2, $3, $4, 8, $5, $6, $7)
+            """,
+            event["id"],
+            event["type"],
+            body,
+            error,
+            seen,
+            seen + timedelta(minutes=30),
+            seen + timedelta(hours=1) if replayed else None,
+        )
+    finally:
+        await con.close()
+    return body
+
+
+def _refund_event(charge_id: str, amount: int, *, created: int | None = None) -> dict[str, object]:
+    refund = fixture("refund")
+    refund.update(id=unique_id("re"), charge=charge_id, amount=amount, status="succeeded")
+    if created is not None:
+        refund["created"] = created
+    return make_event("refund.created", refund, created=created)
+
+
+async def test_list_shows_only_dead_letters_not_yet_replayed(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table and the JSON lines name each waiting event with its error; replayed ones are gone."""
+    waiting = _refund_event("ch_waiting", 500)
+    done = _refund_event("ch_done", 700)
+    await _store_dead_letter(settings.database_url, waiting, error="KeyError: 'charge'\n  at line 3")
+    await _store_dead_letter(settings.database_url, done, error="boom", replayed=True)
+
+    assert await deadletters.list_dead_letters(settings, as_json=False) == 0
+    table = capsys.readouterr().out
+    assert str(waiting["id"]) in table and "refund.created" in table
+    assert "KeyError: 'charge' at line 3" in table  # one line per event, even for multi-line errors
+    assert str(done["id"]) not in table
+
+    assert await deadletters.list_dead_letters(settings, as_json=True) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["event_id"] for line in lines] == [waiting["id"]]
+    assert lines[0]["attempts"] == 8
+    assert lines[0]["last_error"] == "KeyError: 'charge'\n  at line 3"
+    first_seen, last_seen = (datetime.fromisoformat(lines[0][k]) for k in ("first_seen_at", "last_seen_at"))
+    assert first_seen < last_seen
+
+
+async def test_empty_list_says_so(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """With nothing dead-lettered the table form prints one reassuring line, JSON prints nothing."""
+    assert await deadletters.list_dead_letters(settings, as_json=False) == 0
+    assert capsys.readouterr().out.strip() == "no dead-lettered events waiting for replay"
+    assert await deadletters.list_dead_letters(settings, as_json=True) == 0
+    assert capsys.readouterr().out == ""
+
+
+async def test_replay_requeues_the_raw_body_as_a_fresh_delivery(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exact stored bytes go to the work queue with attempt 1 and first-seen now; the row is marked."""
+    event = _refund_event("ch_replay", 900, created=1_700_000_000)
+    body = await _store_dead_letter(settings.database_url, event, error="poison")
+    before_ms = int(time.time() * 1000)
+
+    assert await deadletters.replay(settings, [str(event["id"])], replay_all=False) == 0
+
+    [message] = await drain_work_queue(settings.amqp_url)
+    assert message.body == body
+    assert (message.message_id, message.type) == (event["id"], "refund.created")
+    assert message.headers[topology.HEADER_ATTEMPT] == 1
+    assert message.headers[topology.HEADER_FAILURES] == 0
+    assert message.headers[topology.HEADER_CREATED] == 1_700_000_000
+    first_seen_ms = message.headers[topology.HEADER_FIRST_SEEN_MS]
+    assert isinstance(first_seen_ms, int) and first_seen_ms >= before_ms
+    rows = await fetch(settings.database_url, "select replayed_at from recon.dead_letters")
+    assert rows[0]["replayed_at"] is not None
+    assert f"replayed {event['id']}" in capsys.readouterr().out
+
+
+async def test_replay_of_an_unknown_id_exits_2_and_queues_nothing(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One unknown id fails the whole command with one line, before anything is published or marked."""
+    event = _refund_event("ch_known", 100)
+    await _store_dead_letter(settings.database_url, event, error="poison")
+
+    code = await deadletters.replay(settings, [str(event["id"]), "evt_nope"], replay_all=False)
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "evt_nope" in err
+    rows = await fetch(settings.database_url, "select replayed_at from recon.dead_letters")
+    assert rows[0]["replayed_at"] is None
+    # Nothing was published: the command never even declared the topology in this vhost.
+    with pytest.raises(Exception, match="NOT_FOUND"):
+        await drain_work_queue(settings.amqp_url)
+
+
+async def test_replay_all_takes_every_waiting_letter_and_only_those(settings: Settings) -> None:
+    """--all re-queues each not-yet-replayed letter once; a second --all finds nothing to do."""
+    waiting = [_refund_event(f"ch_all_{n}", 100 + n) for n in range(3)]
+    for event in waiting:
+        await _store_dead_letter(settings.database_url, event, error="poison")
+    await _store_dead_letter(settings.database_url, _refund_event("ch_old", 5), error="x", replayed=True)
+
+    assert await deadletters.replay(settings, [], replay_all=True) == 0
+    assert await deadletters.replay(settings, [], replay_all=True) == 0
+
+    queued = await drain_work_queue(settings.amqp_url)
+    assert sorted(m.message_id or "" for m in queued) == sorted(str(e["id"]) for e in waiting)
+    waiting_sql = "select count(*) as n from recon.dead_letters where replayed_at is null"
+    rows = await fetch(settings.database_url, waiting_sql)
+    assert rows[0]["n"] == 0

@@ -1,0 +1,145 @@
+"""The receiver's one AMQP connection and confirm channel, kept up for the app's lifetime.
+
+The receiver starts even when the broker is down: it answers 503 (Stripe retries for days)
+and /readyz says why, while a background task keeps connecting. Once connected, aio-pika's
+robust connection reconnects by itself and restores the confirm channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from worker import broker
+from worker.settings import Settings
+
+log = structlog.get_logger("recon.receiver")
+
+# A healthy broker answers in tens of milliseconds; a dead one must not delay start-up long.
+FIRST_CONNECT_WAIT_S = 5.0
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 10.0
+# Publishes still in flight at shutdown get this long to be confirmed before the connection
+# closes; a publish gives up on its own after broker.PUBLISH_TIMEOUT_S anyway.
+DRAIN_S = broker.PUBLISH_TIMEOUT_S + 1.0
+
+_TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
+
+
+class BrokerUnavailable(Exception):
+    """No usable connection right now: the request gets 503 without trying to publish."""
+
+
+class BrokerLink:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._publisher: broker.Publisher | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._problem = "broker not connected yet"
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._first_attempt = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect and declare the topology; if the broker is unreachable, keep trying in the background.
+
+        Returns after the first attempt. A broker that answers but rejects our topology (argument
+        drift: PRECONDITION_FAILED) is an operator error, not an outage: it fails the start.
+        """
+        self._connector = asyncio.create_task(self._keep_connecting(), name="recon-broker-connect")
+        first_attempt = asyncio.create_task(self._first_attempt.wait())
+        try:
+            await asyncio.wait(
+                {self._connector, first_attempt},
+                timeout=FIRST_CONNECT_WAIT_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            first_attempt.cancel()
+        if self._connector.done():
+            self._connector.result()
+
+    async def _keep_connecting(self) -> None:
+        delay_s = RECONNECT_MIN_S
+        while True:
+            try:
+                await self._connect()
+                log.info("broker_connected")
+                return
+            except _TRANSIENT as exc:
+                # Never the URL: it may hold a password.
+                self._problem = f"broker unreachable ({type(exc).__name__})"
+                log.warning("broker_unreachable", error=type(exc).__name__, retry_in_s=delay_s)
+            except aio_pika.exceptions.AMQPError as exc:
+                self._problem = f"broker refused the topology ({type(exc).__name__})"
+                log.error("broker_topology_failed", error=type(exc).__name__, detail=str(exc))
+                raise
+            self._first_attempt.set()
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RECONNECT_MAX_S)
+
+    async def _connect(self) -> None:
+        connection = await broker.connect(self._settings.amqp_url)
+        try:
+            await broker.declare_topology(connection, self._settings)
+            channel = await broker.open_confirm_channel(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        # A broker that came back without our definitions (a new node) would make every
+        # publish unroutable: declare again after each reconnect (idempotent).
+        connection.reconnect_callbacks.add(self._redeclare)
+        self._connection, self._channel = connection, channel
+        self._publisher = broker.Publisher(channel)
+
+    async def _redeclare(self, _sender: Any) -> None:
+        if self._connection is None:
+            return
+        try:
+            await broker.declare_topology(self._connection, self._settings)
+        except (*_TRANSIENT, aio_pika.exceptions.AMQPError) as exc:
+            log.error("broker_redeclare_failed", error=type(exc).__name__)
+
+    def not_ready_reason(self) -> str | None:
+        """None while publishes can be confirmed, else why not (for /readyz and the logs)."""
+        if self._connection is None or self._channel is None:
+            return self._problem
+        if not self._connection.connected.is_set() or self._channel.is_closed:
+            return "broker connection lost, reconnecting"
+        return None
+
+    async def publish(self, message: aio_pika.Message) -> None:
+        """Returns once the broker confirmed; raises BrokerUnavailable or broker.PublishFailed."""
+        reason = self.not_ready_reason()
+        if reason is not None or self._publisher is None:
+            raise BrokerUnavailable(reason or self._problem)
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._publisher.publish_event(message)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def close(self) -> None:
+        """Let in-flight publishes be confirmed (bounded), then close the connection."""
+        if self._connector is not None:
+            self._connector.cancel()
+            # Also collects a fatal topology error the task may have ended with.
+            await asyncio.gather(self._connector, return_exceptions=True)
+        try:
+            async with asyncio.timeout(DRAIN_S):
+                await self._idle.wait()
+        except TimeoutError:
+            log.warning("broker_close_with_publishes_in_flight", in_flight=self._in_flight)
+        if self._connection is not None:
+            await self._connection.close()

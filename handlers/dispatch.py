@@ -1,0 +1,180 @@
+"""apply_event: one event, inside the transaction or savepoint the runtime opened (CONTRACT §7).
+
+Inbox claim → match and lock the payment → currency check → the charge row if due → the event
+family's handler (charges, refunds, disputes) → statuses → inbox outcome. Never publishes, sleeps
+or calls HTTP; safe to run twice for the same event (the inbox and the bookings' unique keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from handlers import Delivery, Outcome, Policy, Result
+from handlers import dead_letters as _dead_letters
+from handlers.audit import audit
+from handlers.charges import observe, on_charge_event
+from handlers.disputes import on_dispute_event
+from handlers.event import AppliedEvent, Step
+from handlers.finance_exceptions import raise_exception
+from handlers.inbox import claim, settle
+from handlers.matching import OwnerCurrencyMismatch, Payment, create_from_metadata, lock_payment
+from handlers.payloads import (
+    currency_of,
+    embedded_list_complete,
+    embedded_refunds,
+    expected_live_refunds,
+    live_refund_total,
+    stripe_id,
+)
+from handlers.refunds import on_charge_refunded, on_refund_event
+from handlers.statuses import persist
+
+FamilyHandler = Callable[[asyncpg.Connection, AppliedEvent, Payment], Awaitable[Step]]
+
+FAMILY_HANDLERS: dict[str, FamilyHandler] = {
+    "charge.succeeded": on_charge_event,
+    "charge.captured": on_charge_event,
+    "charge.refunded": on_charge_refunded,
+    "charge.refund.updated": on_refund_event,
+    "refund.created": on_refund_event,
+    "refund.updated": on_refund_event,
+    "refund.failed": on_refund_event,
+    "charge.dispute.created": on_dispute_event,
+    "charge.dispute.updated": on_dispute_event,
+    "charge.dispute.closed": on_dispute_event,
+    "charge.dispute.funds_withdrawn": on_dispute_event,
+    "charge.dispute.funds_reinstated": on_dispute_event,
+}
+
+record_dead_letter = _dead_letters.record_dead_letter
+
+
+class UnhandledEventType(ValueError):
+    """The receiver queued a type the rules do not handle: a deployment mismatch, not data."""
+
+
+def refund_fetch_needed(event: dict[str, Any]) -> str | None:
+    """The charge id whose refunds must be fetched before applying this event, else None.
+
+    Only a charge.refunded can need it: when its embedded refund list is absent (API versions
+    since 2022-11-15), truncated (has_more), or its live refunds do not cover amount_refunded
+    less the released authorisation.
+    """
+    if event.get("type") != "charge.refunded":
+        return None
+    charge = event["data"]["object"]
+    charge_id = stripe_id(charge.get("id"))
+    refunds = embedded_refunds(charge)
+    if refunds is None or not embedded_list_complete(charge):
+        return charge_id
+    if live_refund_total(refunds) < expected_live_refunds(charge):
+        return charge_id
+    return None
+
+
+def _result(
+    applied: AppliedEvent,
+    outcome: Outcome,
+    payment: Payment | None = None,
+    step: Step | None = None,
+) -> Result:
+    return Result(
+        outcome=outcome,
+        retry_reason=step.retry_reason if step is not None else None,
+        stripe_object_id=applied.object_id,
+        order_number=payment.order_number if payment is not None else None,
+        invoice_number=payment.invoice_number if payment is not None else None,
+        detail=dict(step.detail) if step is not None else {},
+    )
+
+
+async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
+    """Nothing matches the charge: retry until the policy's deadline, then raise an exception."""
+    if applied.may_retry:
+        await settle(con, applied.event_id, "retrying")
+        return Result(
+            "retrying", retry_reason="unmatched_charge", stripe_object_id=applied.object_id
+        )
+    detail = {
+        "event_type": applied.type,
+        "charge_id": applied.ref.charge_id,
+        "payment_intent_id": applied.ref.payment_intent_id,
+    }
+    await raise_exception(
+        con, "unmatched_charge", event_id=applied.event_id, object_id=applied.object_id, detail=detail
+    )
+    await audit(
+        con, "event_unmatched", event_id=applied.event_id, object_id=applied.object_id, detail=detail
+    )
+    await settle(con, applied.event_id, "unmatched")
+    return Result("unmatched", stripe_object_id=applied.object_id, detail=detail)
+
+
+async def _currency_mismatch(
+    con: asyncpg.Connection, applied: AppliedEvent, detail: dict[str, Any], payment: Payment | None
+) -> Result:
+    """A currency that is not the payment's (or its order's): book nothing, raise an exception."""
+    await raise_exception(
+        con, "currency_mismatch", event_id=applied.event_id, object_id=applied.object_id, detail=detail
+    )
+    await settle(con, applied.event_id, "mismatch")
+    return Result(
+        "mismatch",
+        stripe_object_id=applied.object_id,
+        order_number=payment.order_number if payment is not None else None,
+        invoice_number=payment.invoice_number if payment is not None else None,
+        detail=detail,
+    )
+
+
+async def _match(
+    con: asyncpg.Connection, applied: AppliedEvent
+) -> Payment | OwnerCurrencyMismatch | None:
+    payment = await lock_payment(con, applied.ref)
+    if payment is None and applied.ref.charge is not None:
+        return await create_from_metadata(con, applied.ref.charge)
+    return payment
+
+
+async def _apply_to_payment(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
+) -> Result:
+    before = payment.copy()
+    await observe(con, applied, payment)
+    step = await FAMILY_HANDLERS[applied.type](con, applied, payment)
+    await persist(con, applied, before, payment)
+    outcome: Outcome = step.outcome
+    if outcome == "applied" and not applied.changed:
+        outcome = "stale"  # an older or repeated snapshot: nothing newer than what is stored
+    await settle(con, applied.event_id, outcome)
+    return _result(applied, outcome, payment, step)
+
+
+async def apply_event(con: asyncpg.Connection, delivery: Delivery, policy: Policy) -> Result:
+    """Apply one event inside the caller's transaction; see the module docstring."""
+    applied = AppliedEvent.from_delivery(delivery, policy)
+    if applied.type not in FAMILY_HANDLERS:
+        raise UnhandledEventType(f"event type {applied.type!r} is not handled")
+    inbox_claim = await claim(con, applied)
+    if inbox_claim.already_final:
+        return _result(applied, "duplicate")
+    applied.first_seen_at = inbox_claim.first_seen_at
+    match = await _match(con, applied)
+    if match is None:
+        return await _unmatched(con, applied)
+    if isinstance(match, OwnerCurrencyMismatch):
+        detail = {
+            "owner": match.owner_kind,
+            "number": match.owner_number,
+            "owner_currency": match.owner_currency,
+            "event_currency": match.charge_currency,
+        }
+        return await _currency_mismatch(con, applied, detail, None)
+    event_currency = currency_of(applied.obj)
+    if event_currency != match.currency:
+        detail = {"payment_currency": match.currency, "event_currency": event_currency}
+        return await _currency_mismatch(con, applied, detail, match)
+    return await _apply_to_payment(con, applied, match)

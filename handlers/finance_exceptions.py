@@ -1,0 +1,28 @@
+"""Exceptions finance must look at (finance.exceptions): raised, never silently dropped."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import asyncpg
+
+ExceptionKind = Literal[
+    "unmatched_charge", "refund_mismatch", "over_refund", "currency_mismatch", "dead_lettered"
+]
+
+_RAISE = """
+insert into recon.exceptions (kind, stripe_event_id, stripe_object_id, detail)
+values ($1, $2, $3, $4::jsonb)
+"""
+
+
+async def raise_exception(
+    con: asyncpg.Connection,
+    kind: ExceptionKind,
+    *,
+    event_id: str | None,
+    object_id: str | None,
+    detail: dict[str, Any],
+) -> None:
+    await con.execute(_RAISE, kind, event_id, object_id, json.dumps(detail))

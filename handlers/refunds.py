@@ -1,0 +1,219 @@
+"""Refunds (rule 4): each re_… booked once whichever event reports it, reversed once if it fails.
+
+A refund snapshot may come from refund.created|updated|failed, charge.refund.updated, the refund
+list a charge.refunded embeds (API versions before 2022-11-15), or the refunds the runtime fetched
+from the API for a charge.refunded. Its status is kept by (event created, lifecycle rank), so a
+refund already known failed/canceled is never booked by an older snapshot, and whatever the
+delivery order a refund that ends failed nets to zero.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from handlers.bookings import Entry, book, reverse_refund
+from handlers.charges import advance_snapshot, is_newest_snapshot
+from handlers.event import AppliedEvent, Step
+from handlers.finance_exceptions import raise_exception
+from handlers.matching import Payment
+from handlers.payloads import (
+    ENDED_REFUND_STATUSES,
+    LIVE_REFUND_STATUSES,
+    REFUND_STATUS_RANK,
+    currency_of,
+    embedded_refunds,
+    expected_live_refunds,
+    is_release,
+    live_refund_total,
+    stripe_id,
+    timestamp,
+)
+
+# Saves the refund's status if this snapshot is newer by (created, rank) — a full tie keeps the
+# stored one — and audits the status change, in one round trip.
+_RECORD_REFUND = """
+with old as (
+    select status from recon.refunds where id = $1
+), saved as (
+    insert into recon.refunds as r
+        (id, payment_id, amount, currency, reason, is_release, status, status_created, status_rank,
+         created)
+    values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+    on conflict (id) do update
+        set amount = excluded.amount, reason = excluded.reason, is_release = excluded.is_release,
+            status = excluded.status, status_created = excluded.status_created,
+            status_rank = excluded.status_rank
+        where (excluded.status_created, excluded.status_rank) > (r.status_created, r.status_rank)
+    returning status
+), audited as (
+    insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
+    select 'status_changed', $11, $1, $2,
+           jsonb_build_object('object', 'refund', 'field', 'status',
+                              'from', (select status from old), 'to', s.status)
+    from saved s
+    where s.status is distinct from (select status from old)
+)
+select (select status from saved) as saved_status, (select status from old) as old_status
+"""
+
+# Refunds that were live when the charge snapshot was taken: live now, or failed/canceled only at
+# or after the snapshot's time (same second counts: Stripe's clock cannot order them).
+_LIVE_AT_SNAPSHOT = """
+select coalesce(sum(amount), 0)::bigint from recon.refunds
+where payment_id = $1 and not is_release
+  and (status in ('pending', 'succeeded')
+       or (status in ('failed', 'canceled') and status_created >= $2))
+"""
+
+
+async def _record(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, refund: dict[str, Any],
+    seen_at: datetime,
+) -> str | None:
+    """Save the refund snapshot; the refund's status after it (None for an unknown status)."""
+    status = refund.get("status")
+    rank = REFUND_STATUS_RANK.get(status) if isinstance(status, str) else None
+    if rank is None:
+        return None
+    row = await con.fetchrow(
+        _RECORD_REFUND,
+        refund["id"],
+        payment.id,
+        int(refund["amount"]),
+        currency_of(refund) or payment.currency,
+        refund.get("reason"),
+        is_release(refund),
+        status,
+        seen_at,
+        rank,
+        timestamp(int(refund["created"])),
+        applied.event_id,
+    )
+    assert row is not None
+    if row["saved_status"] is not None:
+        applied.changed = True
+    final: str = row["saved_status"] or row["old_status"]
+    return final
+
+
+async def _book_refund(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, refund: dict[str, Any]
+) -> None:
+    refund_id, amount = str(refund["id"]), int(refund["amount"])
+    entry = Entry(
+        "refund",
+        refund_id,
+        -amount,
+        currency_of(refund) or payment.currency,
+        timestamp(int(refund["created"])),
+        refund_id,
+    )
+    booked = await book(
+        con,
+        entry,
+        payment_id=payment.id,
+        event_id=applied.event_id,
+        action="stripe_refund_recorded",
+        detail={"status": refund.get("status")},
+    )
+    if not booked:
+        return
+    applied.changed = True
+    payment.amount_refunded += amount
+    if payment.amount_refunded > payment.captured_amount:
+        # Stripe's word is final: the refund stays booked, finance gets an exception to look at.
+        await raise_exception(
+            con,
+            "over_refund",
+            event_id=applied.event_id,
+            object_id=refund_id,
+            detail={
+                "refund_amount": amount,
+                "amount_refunded": payment.amount_refunded,
+                "captured_amount": payment.captured_amount,
+                "currency": entry.currency,
+            },
+        )
+
+
+async def apply_refund(
+    con: asyncpg.Connection,
+    applied: AppliedEvent,
+    payment: Payment,
+    refund: dict[str, Any],
+    seen_at: datetime,
+) -> None:
+    """Apply one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status."""
+    if stripe_id(refund.get("id")) is None:
+        return  # never invent a refund row without an id
+    status = await _record(con, applied, payment, refund, seen_at)
+    if status is None or is_release(refund):
+        return  # a released authorisation is not money back
+    if status in LIVE_REFUND_STATUSES:
+        await _book_refund(con, applied, payment, refund)
+    elif status in ENDED_REFUND_STATUSES:
+        reversed_amount = await reverse_refund(con, str(refund["id"]), event_id=applied.event_id)
+        if reversed_amount is not None:
+            applied.changed = True
+            payment.amount_refunded -= reversed_amount
+
+
+async def on_refund_event(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> Step:
+    """refund.created|updated|failed and charge.refund.updated: the event's object is a refund."""
+    await apply_refund(con, applied, payment, applied.obj, applied.created)
+    return Step()
+
+
+async def _apply_carried_refunds(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
+) -> None:
+    for refund in embedded_refunds(applied.obj) or []:
+        await apply_refund(con, applied, payment, refund, applied.created)
+    # Fetched refunds are the API's state at fetch time, which is newer than any event delivered
+    # so far: they are ordered by when we applied them, not by the event that asked for them.
+    for refund in applied.delivery.fetched_refunds or []:
+        await apply_refund(con, applied, payment, refund, applied.now)
+
+
+async def _judge_checkpoint(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
+) -> Step:
+    """Do the live refunds cover this snapshot's amount_refunded less releases? Else retry/raise."""
+    expected = expected_live_refunds(applied.obj)
+    if payment.amount_refunded >= expected:
+        return Step()
+    # Refunds booked and later reversed by events newer than this snapshot still count: at the
+    # snapshot's time they were money back, and amount_refunded then included them.
+    live_then = int(await con.fetchval(_LIVE_AT_SNAPSHOT, payment.id, applied.created))
+    fetched = applied.delivery.fetched_refunds
+    fetched_live = live_refund_total(fetched) if fetched is not None else None
+    if live_then >= expected or (fetched_live is not None and fetched_live >= expected):
+        return Step()
+    detail = {
+        "amount_refunded": int(applied.obj.get("amount_refunded") or 0),
+        "expected_live_refunds": expected,
+        "live_refunds_booked": live_then,
+        "fetched_live_refunds": fetched_live,
+    }
+    if applied.may_retry:
+        return Step("retrying", "refunds_short", detail)
+    await raise_exception(
+        con, "refund_mismatch", event_id=applied.event_id, object_id=applied.object_id, detail=detail
+    )
+    return Step("mismatch", detail=detail)
+
+
+async def on_charge_refunded(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
+) -> Step:
+    """charge.refunded: book the refunds it carries, then judge it as a checkpoint if newest."""
+    await _apply_carried_refunds(con, applied, payment)
+    if not is_newest_snapshot(payment, applied):
+        return Step()
+    step = await _judge_checkpoint(con, applied, payment)
+    if step.outcome != "retrying":
+        advance_snapshot(payment, applied)
+    return step

@@ -9,7 +9,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from handlers import DeadLetter, Delivery, record_dead_letter
+from tests.builders import delivery, refund, refund_event
 from tests.harness import fetch
+from tests.host_records import add_order_with_payment, apply, exceptions, inbox, ledger
 from tests.stripe_events import encode, fixture, make_event, unique_id
 from tests.work_queue import drain_work_queue
 from worker import deadletters, topology
@@ -139,3 +142,76 @@ async def test_replay_all_takes_every_waiting_letter_and_only_those(settings: Se
     waiting_sql = "select count(*) as n from recon.dead_letters where replayed_at is null"
     rows = await fetch(settings.database_url, waiting_sql)
     assert rows[0]["n"] == 0
+
+
+async def _replayed_delivery(amqp_url: str) -> Delivery:
+    """The one replayed message, handed over the way the consumer runtime would."""
+    [message] = await drain_work_queue(amqp_url)
+    first_seen_ms = message.headers[topology.HEADER_FIRST_SEEN_MS]
+    attempt = message.headers[topology.HEADER_ATTEMPT]
+    assert isinstance(first_seen_ms, int) and isinstance(attempt, int)
+    return delivery(
+        json.loads(message.body),
+        attempt=attempt,
+        first_seen_at=datetime.fromtimestamp(first_seen_ms / 1000, UTC),
+    )
+
+
+async def _dead_letter_through_handlers(con: asyncpg.Connection, event: dict[str, object]) -> None:
+    async with con.transaction():
+        await record_dead_letter(
+            con,
+            DeadLetter(
+                event_id=str(event["id"]),
+                event_type=str(event["type"]),
+                body=encode(event),
+                error="RuntimeError: worker crashed",
+                attempts=3,
+                first_seen_at=datetime.now(UTC) - timedelta(minutes=5),
+            ),
+        )
+
+
+async def test_a_replayed_dead_letter_applies_and_resolves_its_exception(settings: Settings) -> None:
+    """Replay → the handlers apply the event once, and its dead_lettered exception is resolved."""
+    charge_id = unique_id("ch")
+    event = refund_event("refund.created", refund(charge_id=charge_id, amount=300))
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await add_order_with_payment(con, unique_id("ORD"), charge_id, amount=1000)
+        await _dead_letter_through_handlers(con, event)
+        assert [e["resolved_at"] for e in await exceptions(con, "dead_lettered")] == [None]
+
+        assert await deadletters.replay(settings, [str(event["id"])], replay_all=False) == 0
+        result = await apply(con, await _replayed_delivery(settings.amqp_url))
+
+        assert result.outcome == "applied"
+        assert [(kind, amount) for kind, amount, *_ in await ledger(con, charge_id)] == [
+            ("charge", 1000),
+            ("refund", -300),
+        ]
+        assert [e["resolved_at"] is not None for e in await exceptions(con, "dead_lettered")] == [True]
+        assert (await inbox(con, str(event["id"])))["outcome"] == "applied"
+    finally:
+        await con.close()
+
+
+async def test_replaying_an_event_that_already_applied_changes_nothing(settings: Settings) -> None:
+    """A late dead-lettering of an applied event, replayed, is a duplicate: the ledger stays as it was."""
+    charge_id = unique_id("ch")
+    event = refund_event("refund.created", refund(charge_id=charge_id, amount=400))
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await add_order_with_payment(con, unique_id("ORD"), charge_id, amount=1000)
+        assert (await apply(con, delivery(event))).outcome == "applied"
+        before = await ledger(con, charge_id)
+        await _dead_letter_through_handlers(con, event)  # e.g. a crash loop after the commit
+
+        assert await deadletters.replay(settings, [str(event["id"])], replay_all=False) == 0
+        result = await apply(con, await _replayed_delivery(settings.amqp_url))
+
+        assert result.outcome == "duplicate"
+        assert await ledger(con, charge_id) == before
+        assert (await inbox(con, str(event["id"])))["outcome"] == "applied"
+    finally:
+        await con.close()

@@ -11,7 +11,7 @@ from handlers import DeadLetter
 from handlers.audit import audit
 from handlers.finance_exceptions import raise_exception
 from handlers.inbox import EFFECT_FINAL
-from handlers.payloads import timestamp
+from handlers.payloads import stripe_id, timestamp
 
 _KEEP_BODY = """
 insert into recon.dead_letters
@@ -43,13 +43,14 @@ select (select outcome from old) as prior_outcome
 """
 
 
-def _event_created(dead: DeadLetter) -> datetime:
-    """The event's own created time; when the body is not even JSON, when it was first seen."""
+def _body_facts(dead: DeadLetter) -> tuple[datetime, str | None]:
+    """The event's created time and object id; for a body that is not even an event, when it was
+    first seen and no object."""
     try:
-        created = json.loads(dead.body)["created"]
-        return timestamp(int(created))
-    except (ValueError, KeyError, TypeError, OverflowError):
-        return dead.first_seen_at
+        event = json.loads(dead.body)
+        return timestamp(int(event["created"])), stripe_id(event["data"]["object"].get("id"))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        return dead.first_seen_at, None
 
 
 async def record_dead_letter(con: asyncpg.Connection, dead: DeadLetter) -> None:
@@ -58,14 +59,17 @@ async def record_dead_letter(con: asyncpg.Connection, dead: DeadLetter) -> None:
         _KEEP_BODY, dead.event_id, dead.event_type, dead.body, dead.error, dead.attempts,
         dead.first_seen_at,
     )
+    created, object_id = _body_facts(dead)
     prior = await con.fetchval(
-        _MARK_INBOX, dead.event_id, dead.event_type, _event_created(dead), dead.first_seen_at,
+        _MARK_INBOX, dead.event_id, dead.event_type, created, dead.first_seen_at,
         dead.attempts, dead.error, list(EFFECT_FINAL),
     )
     if prior in EFFECT_FINAL or prior == "dead_lettered":
         return  # already final, or already counted as dead-lettered: no second exception
     detail = {"event_type": dead.event_type, "error": dead.error, "attempts": dead.attempts}
-    await raise_exception(con, "dead_lettered", event_id=dead.event_id, object_id=None, detail=detail)
+    await raise_exception(
+        con, "dead_lettered", event_id=dead.event_id, object_id=object_id, detail=detail
+    )
     await audit(
-        con, "event_dead_lettered", event_id=dead.event_id, object_id=None, detail=detail
+        con, "event_dead_lettered", event_id=dead.event_id, object_id=object_id, detail=detail
     )

@@ -41,7 +41,9 @@ VHOST = "/"
 APP_RESOURCES = r"^(amq\.default|stripe\.events|recon\..+)$"
 
 
-def render(max_attempts: int | None = None, retry_delays_s: tuple[float, ...] | None = None) -> dict[str, Any]:
+def render(
+    max_attempts: int | None = None, retry_delays_s: tuple[float, ...] | None = None
+) -> dict[str, Any]:
     """The definitions document: the vhost plus worker.topology.definitions() for these settings."""
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
     from worker import topology
@@ -79,7 +81,13 @@ def add_user(document: dict[str, Any], name: str, password: str, tags: list[str]
     merged["permissions"] = [
         *(p for p in document.get("permissions", []) if p.get("user") != name),
         *(
-            {"user": name, "vhost": vhost, "configure": APP_RESOURCES, "write": APP_RESOURCES, "read": APP_RESOURCES}
+            {
+                "user": name,
+                "vhost": vhost,
+                "configure": APP_RESOURCES,
+                "write": APP_RESOURCES,
+                "read": APP_RESOURCES,
+            }
             for vhost in vhosts
         ),
     ]
@@ -95,15 +103,25 @@ def _delays(text: str) -> tuple[float, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="file to write ('-' = stdout)")
-    parser.add_argument("--check", action="store_true", help="compare with the output file instead of writing it")
-    parser.add_argument("--max-attempts", type=int, help="RECON_MAX_ATTEMPTS the broker will run with (default 8)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="file to write ('-' = stdout)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare with the output file instead of writing it"
+    )
+    parser.add_argument(
+        "--max-attempts", type=int, help="RECON_MAX_ATTEMPTS the broker will run with (default 8)"
+    )
     parser.add_argument("--retry-delays", type=_delays, help="RECON_RETRY_DELAYS_S the broker will run with")
     user = parser.add_argument_group("deploy time: add a user to an existing definitions file")
     user.add_argument("--add-user", metavar="NAME", help="user the receiver and workers log in as")
-    user.add_argument("--password-env", metavar="VAR", help="environment variable holding that user's password")
+    user.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding that user's password"
+    )
     user.add_argument("--tags", default="management", help="comma-separated user tags (default: management)")
-    user.add_argument("--input", type=Path, help="definitions file to extend (default: generate from worker.topology)")
+    user.add_argument(
+        "--input", type=Path, help="definitions file to extend (default: generate from worker.topology)"
+    )
     return parser
 
 

@@ -1,0 +1,224 @@
+"""The consumer runtime of ``recon worker``: resources, consumers, readiness, drain on shutdown.
+
+    recon.events ──▶ lanes (by charge) ──▶ BatchRunner: one transaction, a savepoint per event,
+                                           commit, then verdicts (retry copy / dead letter, ack)
+    recon.dead-letters ──▶ one lane ──▶ DeadLetterRecorder: record, commit, ack
+
+Everything is started and stopped in ``consumer_ctx``, an aiohttp cleanup context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aiohttp import web
+
+from worker import broker, metrics, topology
+from worker.batches import Lanes
+from worker.broker import Publisher
+from worker.dead_letter_recorder import DeadLetterRecorder
+from worker.deliveries import Inbound, charge_key, inbound
+from worker.health import READINESS_CHECKS, ReadinessCheck
+from worker.refund_fetch import RefundFetcher, StripeRefunds
+from worker.runner import BatchRunner, Rules, handlers_rules
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.consumer")
+
+# Lanes = concurrent transactions. More than the cores PostgreSQL can use only adds lock and
+# context-switch overhead; fewer leaves the server idle while one lane waits on a commit.
+LANE_COUNT = 4
+MAX_BATCH = 50
+# RabbitMQ stops delivering at this many unacked messages. At least RECON_WORKER_CONCURRENCY, and
+# enough that every lane finds a full batch waiting while its previous one commits.
+MIN_PREFETCH = 2 * LANE_COUNT * MAX_BATCH
+DEAD_LETTER_PREFETCH = 16
+DEPTH_EVERY_S = 5.0
+DRAIN_TIMEOUT_S = 20.0
+CHECK_TIMEOUT_S = 2.0
+
+
+def prefetch_for(settings: Settings) -> int:
+    return max(settings.worker_concurrency, MIN_PREFETCH)
+
+
+@dataclass(slots=True)
+class Consumer:
+    settings: Settings
+    pool: asyncpg.Pool
+    connection: AbstractRobustConnection
+    lanes: Lanes[Inbound]
+    dead_lanes: Lanes[AbstractIncomingMessage]
+    fetcher: StripeRefunds | None
+    consuming: list[tuple[AbstractQueue, str]]
+    monitor: asyncio.Task[None] | None = None
+
+    async def on_event(self, message: AbstractIncomingMessage) -> None:
+        item = inbound(message)
+        self.lanes.route(charge_key(item.event), item)
+
+    async def on_dead_letter(self, message: AbstractIncomingMessage) -> None:
+        self.dead_lanes.route("", message)
+
+    async def stop_consuming(self) -> None:
+        for queue, tag in self.consuming:
+            with contextlib.suppress(Exception):  # a dead channel has no consumer left to cancel
+                await queue.cancel(tag, timeout=CHECK_TIMEOUT_S)
+        self.consuming.clear()
+
+    async def drain(self) -> None:
+        """Finish (commit and ack) whatever was delivered; what is cut off stays unacked, not lost."""
+        backlog = self.lanes.backlog
+        drained = await self.lanes.drain(DRAIN_TIMEOUT_S) and await self.dead_lanes.drain(DRAIN_TIMEOUT_S)
+        log.info("consumer_drained", complete=drained, backlog_at_stop=backlog)
+
+    async def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.cancel()
+            await asyncio.gather(self.monitor, return_exceptions=True)
+        await self.lanes.stop()
+        await self.dead_lanes.stop()
+        await self.connection.close()  # unacked deliveries go back to their queues
+        if self.fetcher is not None:
+            await self.fetcher.close()
+        await asyncio.wait_for(self.pool.close(), DRAIN_TIMEOUT_S)
+
+    async def broker_ready(self) -> str | None:
+        if self.connection.is_closed or not self.connection.connected.is_set():
+            return "broker unreachable"
+        return None
+
+    async def database_ready(self) -> str | None:
+        try:
+            async with self.pool.acquire(timeout=CHECK_TIMEOUT_S) as con:
+                await con.fetchval("select 1", timeout=CHECK_TIMEOUT_S)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            return "database unreachable"
+        return None
+
+    def readiness_checks(self) -> list[ReadinessCheck]:
+        return [self.broker_ready, self.database_ready]
+
+
+def refund_fetcher(settings: Settings) -> StripeRefunds | None:
+    if settings.stripe_api_key is None:
+        log.warning(
+            "stripe_api_key_missing",
+            detail="charge.refunded events without embedded refunds cannot be checked against the API; "
+            "set STRIPE_API_KEY (needed for API versions 2022-11-15 to 2024-10-27)",
+        )
+        return None
+    return StripeRefunds(settings.stripe_api_key, settings.stripe_api_base)
+
+
+async def open_pool(settings: Settings) -> asyncpg.Pool:
+    # One connection per lane, one for the dead-letter recorder, one for /readyz.
+    pool = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=LANE_COUNT + 2, command_timeout=30
+    )
+    assert pool is not None
+    return pool
+
+
+async def _consume(
+    connection: AbstractRobustConnection,
+    queue_name: str,
+    prefetch: int,
+    callback: Callable[[AbstractIncomingMessage], object],
+) -> tuple[AbstractQueue, str]:
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.get_queue(queue_name, ensure=True)
+    tag = await queue.consume(callback)  # type: ignore[arg-type]
+    return queue, tag
+
+
+async def start_consumer(settings: Settings, rules: Rules, fetcher: RefundFetcher | None = None) -> Consumer:
+    async with contextlib.AsyncExitStack() as undo:  # on a failed start, close what was opened
+        pool = await open_pool(settings)
+        undo.push_async_callback(pool.close)
+        connection = await broker.connect(settings.amqp_url)
+        undo.push_async_callback(connection.close)
+        consumer = await _wire(settings, rules, fetcher, pool, connection)
+        undo.pop_all()
+    return consumer
+
+
+async def _wire(
+    settings: Settings,
+    rules: Rules,
+    fetcher: RefundFetcher | None,
+    pool: asyncpg.Pool,
+    connection: AbstractRobustConnection,
+) -> Consumer:
+    await broker.declare_topology(connection, settings)
+    publisher = Publisher(await broker.open_confirm_channel(connection))
+    stripe_refunds = refund_fetcher(settings) if fetcher is None else None
+    runner = BatchRunner(pool, rules, settings, publisher, fetcher or stripe_refunds)
+    recorder = DeadLetterRecorder(pool, rules, settings.max_attempts)
+    consumer = Consumer(
+        settings=settings,
+        pool=pool,
+        connection=connection,
+        lanes=Lanes("events", LANE_COUNT, runner.run, MAX_BATCH),
+        dead_lanes=Lanes("dead-letters", 1, recorder.run, DEAD_LETTER_PREFETCH),
+        fetcher=stripe_refunds,
+        consuming=[],
+    )
+    consumer.lanes.start()
+    consumer.dead_lanes.start()
+    prefetch = prefetch_for(settings)
+    consumer.consuming.append(await _consume(connection, topology.WORK_QUEUE, prefetch, consumer.on_event))
+    consumer.consuming.append(
+        await _consume(connection, topology.DEAD_QUEUE, DEAD_LETTER_PREFETCH, consumer.on_dead_letter)
+    )
+    consumer.monitor = asyncio.create_task(watch_queue_depth(connection), name="queue-depth")
+    log.info("consumer_started", prefetch=prefetch, lanes=LANE_COUNT, max_batch=MAX_BATCH)
+    return consumer
+
+
+async def watch_queue_depth(connection: AbstractRobustConnection, queues: Sequence[str] = ()) -> None:
+    """Every DEPTH_EVERY_S, the ready count of the work and dead-letter queues (passive declare)."""
+    names = queues or (topology.WORK_QUEUE, topology.DEAD_QUEUE)
+    channel: AbstractChannel = await connection.channel()
+    while True:
+        try:
+            underlay = await asyncio.wait_for(channel.get_underlay_channel(), CHECK_TIMEOUT_S)
+            for name in names:
+                declared = await underlay.queue_declare(name, passive=True, timeout=CHECK_TIMEOUT_S)
+                metrics.QUEUE_DEPTH.labels(name).set(declared.message_count or 0)
+        except Exception as exc:  # a broker outage: the gauge keeps its last value until it is back
+            log.debug("queue_depth_unavailable", error=type(exc).__name__)
+        await asyncio.sleep(DEPTH_EVERY_S)
+
+
+CONSUMER = web.AppKey("recon_consumer", Consumer)
+
+
+def consumer_ctx(
+    settings: Settings, rules: Rules | None = None, fetcher: RefundFetcher | None = None
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The aiohttp cleanup context of the consumer: start on startup; on shutdown (SIGTERM) stop
+    consuming, drain what was delivered (commit and ack), then close.
+
+    ``rules`` and ``fetcher`` default to the real handlers and the Stripe API; tests inject theirs.
+    """
+
+    async def consumer_context(app: web.Application) -> AsyncIterator[None]:
+        consumer = await start_consumer(settings, rules or handlers_rules(), fetcher)
+        app[CONSUMER] = consumer
+        app[READINESS_CHECKS].extend(consumer.readiness_checks())
+        try:
+            yield
+        finally:
+            await consumer.stop_consuming()
+            await consumer.drain()
+            await consumer.close()
+
+    return consumer_context

@@ -1,0 +1,268 @@
+"""The runner: a batch of messages into one transaction, one savepoint per event, then the verdicts.
+
+Why a batch: the commit (a WAL flush) is the cost that dominates a small event, so N events share
+one. Why a savepoint per event: a failing event rolls back alone and is retried or dead-lettered
+alone; the others commit. Transient database trouble (deadlock, serialization, a lost connection)
+retries the whole batch — safe because nothing of it was committed, and every handler is safe to
+run twice anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+
+from worker import verdicts
+from worker.broker import Publisher
+from worker.deliveries import Inbound
+from worker.refund_fetch import RefundFetcher, RefundFetchFailed
+from worker.settings import Settings
+from worker.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from handlers import DeadLetter, Delivery, Policy, Result
+
+log = structlog.get_logger("worker.consumer")
+
+# How long a batch keeps retrying through database trouble before its messages are deferred to a
+# wait queue (not failed: an outage is nobody's fault, and must not dead-letter healthy events).
+DB_RETRY_FOR_S = 20.0
+
+ApplyEvent = Callable[[asyncpg.Connection, "Delivery", "Policy"], Awaitable["Result"]]
+RecordDeadLetter = Callable[[asyncpg.Connection, "DeadLetter"], Awaitable[None]]
+RefundFetchNeeded = Callable[[dict[str, Any]], "str | None"]
+Fetched = list[dict[str, Any]] | RefundFetchFailed
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The reconciliation rules the runtime calls (handlers/__init__.py); tests inject their own."""
+
+    apply_event: ApplyEvent
+    record_dead_letter: RecordDeadLetter
+    refund_fetch_needed: RefundFetchNeeded
+
+
+def handlers_rules() -> Rules:
+    import handlers
+
+    return Rules(handlers.apply_event, handlers.record_dead_letter, handlers.refund_fetch_needed)
+
+
+_TRANSIENT_DB_ERRORS = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError: the server went away
+    asyncpg.CannotConnectNowError,  # starting up or shutting down
+    asyncpg.AdminShutdownError,
+    asyncpg.TooManyConnectionsError,
+    OSError,  # connection refused or reset while (re)connecting
+    TimeoutError,
+)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """Errors that say nothing about the event: the same batch may well succeed on a retry."""
+    if isinstance(exc, _TRANSIENT_DB_ERRORS):
+        return True
+    # asyncpg raises InterfaceError for a connection that died under it.
+    return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
+class DatabaseUnavailable(Exception):
+    """Transient database errors outlasted DB_RETRY_FOR_S."""
+
+
+@dataclass(slots=True)
+class Planned:
+    """A message on its way through a batch: its Delivery, or already a verdict (then no transaction)."""
+
+    item: Inbound
+    delivery: Delivery | None = None
+    verdict: Verdict | None = None
+    committed: bool = False
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        rules: Rules,
+        settings: Settings,
+        publisher: Publisher,
+        fetch_refunds: RefundFetcher | None,
+    ) -> None:
+        from handlers import Policy
+
+        self._pool = pool
+        self._rules = rules
+        self._settings = settings
+        self._publisher = publisher
+        self._fetch_refunds = fetch_refunds
+        self._policy = Policy(unmatched_retry_s=settings.unmatched_retry_s)
+
+    async def run(self, batch: Sequence[Inbound]) -> None:
+        """Never raises (but for cancellation): a bug here requeues the batch instead of losing it."""
+        try:
+            planned = await self._plan(batch)
+            await self._apply(planned)
+        except Exception:
+            log.exception("batch_crashed", size=len(batch))
+            for item in batch:
+                await verdicts.finish_message(item.message, requeue=True)
+            return
+        await self._settle(planned)
+
+    async def _plan(self, batch: Sequence[Inbound]) -> list[Planned]:
+        from handlers import Delivery
+
+        planned = [Planned(item) for item in batch]
+        fetched = await self._fetch_needed_refunds(planned)
+        for entry in planned:
+            item = entry.item
+            if entry.verdict is not None:
+                continue
+            if item.event is None:
+                entry.verdict = verdicts.poison(item.parse_error or "body is not a Stripe event")
+                continue
+            refunds = fetched.get(item.event_id)
+            if isinstance(refunds, RefundFetchFailed):
+                if self._may_still_wait(item):
+                    entry.verdict = verdicts.deferred("refund_fetch_failed")
+                    continue
+                refunds = None
+            entry.delivery = Delivery(item.event, item.attempt, item.first_seen_at, refunds)
+        return planned
+
+    def _may_still_wait(self, item: Inbound) -> bool:
+        """A failed fetch defers the event only within the unmatched window; after it the handlers
+        judge without the API (and raise the mismatch), so a dead API cannot park an event forever."""
+        waited_s = time.time() - item.first_seen_ms / 1000
+        return waited_s < self._settings.unmatched_retry_s
+
+    async def _fetch_needed_refunds(self, planned: list[Planned]) -> dict[str, Fetched]:
+        """event id -> every refund of its charge, or the failure; concurrently, before any transaction."""
+        wanted: dict[str, str] = {}
+        for entry in planned:
+            charge_id = self._charge_to_fetch(entry)
+            if charge_id is not None:
+                wanted[entry.item.event_id] = charge_id
+        if not wanted:
+            return {}
+        charges = sorted(set(wanted.values()))
+        results = dict(zip(charges, await asyncio.gather(*map(self._fetch_or_failure, charges)), strict=True))
+        return {event_id: results[charge] for event_id, charge in wanted.items()}
+
+    def _charge_to_fetch(self, entry: Planned) -> str | None:
+        if entry.item.event is None or self._fetch_refunds is None:
+            return None
+        try:
+            return self._rules.refund_fetch_needed(entry.item.event)
+        except Exception as exc:  # a payload the rule cannot read is this event's failure
+            entry.verdict = verdicts.failed(entry.item, exc, self._settings)
+            return None
+
+    async def _fetch_or_failure(self, charge_id: str) -> Fetched:
+        assert self._fetch_refunds is not None
+        try:
+            return await self._fetch_refunds(charge_id)
+        except RefundFetchFailed as exc:
+            log.warning("refund_fetch_failed", stripe_charge_id=charge_id, error=str(exc))
+            return exc
+
+    async def _apply(self, planned: list[Planned]) -> None:
+        todo = [entry for entry in planned if entry.verdict is None]
+        if not todo:
+            return
+        try:
+            await self._apply_retrying(todo)
+        except DatabaseUnavailable as exc:
+            log.warning("database_unavailable", size=len(todo), error=verdicts.one_line(exc))
+            for entry in todo:
+                entry.verdict = verdicts.deferred("database_unavailable")
+        except Exception as exc:
+            # Outside every savepoint, i.e. at COMMIT (a deferred constraint) or in the runtime:
+            # no way to tell which event did it, so each runs alone and the culprit fails alone.
+            await self._apply_alone(todo, exc)
+
+    async def _apply_alone(self, todo: list[Planned], exc: Exception) -> None:
+        if len(todo) == 1:
+            log.warning("event_commit_failed", event_id=todo[0].item.event_id, error=verdicts.one_line(exc))
+            todo[0].verdict = verdicts.failed(todo[0].item, exc, self._settings)
+            return
+        log.warning("batch_commit_failed_splitting", size=len(todo), error=verdicts.one_line(exc))
+        for entry in todo:
+            await self._apply([entry])
+
+    async def _apply_retrying(self, todo: list[Planned]) -> None:
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(is_transient_db_error),
+                stop=stop_after_delay(DB_RETRY_FOR_S),
+                wait=wait_exponential(multiplier=0.05, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    found = await self._transaction(todo)
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                raise DatabaseUnavailable(verdicts.one_line(exc)) from exc
+            raise
+        for entry, verdict in zip(todo, found, strict=True):
+            entry.verdict = verdict
+            entry.committed = True
+
+    async def _transaction(self, todo: list[Planned]) -> list[Verdict]:
+        found: list[Verdict] = []
+        async with self._pool.acquire() as con, con.transaction():
+            for entry in todo:
+                found.append(await self._apply_one(con, entry))
+        return found
+
+    async def _apply_one(self, con: asyncpg.Connection, entry: Planned) -> Verdict:
+        assert entry.delivery is not None
+        item = entry.item
+        try:
+            # Whatever the handlers log while applying carries the event's identity.
+            with structlog.contextvars.bound_contextvars(
+                event_id=item.event_id, event_type=item.event_type, attempt=item.attempt
+            ):
+                async with con.transaction():  # a savepoint inside the batch transaction
+                    result = await self._rules.apply_event(con, entry.delivery, self._policy)
+        except Exception as exc:
+            if is_transient_db_error(exc) or con.is_closed():
+                raise
+            log.warning("event_failed", event_id=entry.item.event_id, exc_info=True)
+            return verdicts.failed(entry.item, exc, self._settings)
+        return verdict_for(result)
+
+    async def _settle(self, planned: list[Planned]) -> None:
+        committed_at = time.monotonic()
+        publishes = []
+        for entry in planned:
+            assert entry.verdict is not None
+            if entry.verdict.action == "ack":
+                await verdicts.finish_message(entry.item.message)
+            else:
+                publishes.append(verdicts.settle(entry.item, entry.verdict, self._publisher, self._settings))
+            verdicts.record(entry.item, entry.verdict, committed_at if entry.committed else None)
+        if publishes:
+            await asyncio.gather(*publishes)
+
+
+def verdict_for(result: Result) -> Verdict:
+    common = {
+        "stripe_object_id": result.stripe_object_id,
+        "order_number": result.order_number,
+        "invoice_number": result.invoice_number,
+    }
+    if result.outcome == "retrying":
+        return Verdict("retry", "retrying", reason=result.retry_reason or "not_yet", **common)
+    return Verdict("ack", result.outcome, **common)

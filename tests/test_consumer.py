@@ -1,0 +1,267 @@
+"""Mechanics of the consumer runtime with injected rules: ack, retry, dead-letter, batches, drain."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+
+from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
+from tests.harness import fetch, wait_until
+from worker import topology
+from worker.dead_letter_recorder import DELIVERY_LIMIT_ERROR
+from worker.settings import Settings
+
+
+@pytest.fixture
+async def fake(settings: Settings) -> FakeRules:
+    await prepare_fake_tables(settings.database_url)
+    return FakeRules()
+
+
+async def applied(settings: Settings) -> dict[str, int]:
+    rows = await fetch(settings.database_url, "select event_id, attempt from public.applied")
+    return {row["event_id"]: row["attempt"] for row in rows}
+
+
+async def dead(settings: Settings) -> list[asyncpg.Record]:
+    return await fetch(settings.database_url, "select * from public.dead order by event_id")
+
+
+async def test_event_applied_committed_and_acked(settings: Settings, amqp_url: str, fake: FakeRules) -> None:
+    """An event is applied once, and after the drain nothing is left in the queue (it was acked)."""
+    async with feeder(amqp_url, settings) as feed:
+        async with consumer_running(settings, fake.rules()):
+            await feed.event(event("evt_ok_1"))
+            await wait_until(lambda: applied(settings), what="event applied")
+        assert await feed.depth() == 0
+    assert await applied(settings) == {"evt_ok_1": 1}
+    assert fake.calls == [("evt_ok_1", 1)]
+
+
+async def test_transient_database_error_retries_the_batch(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A deadlock on the first try is retried in place (same delivery, attempt 1), then applied once."""
+    raised: list[str] = []
+
+    async def deadlock_once(_con: Any, delivery: Any) -> None:
+        if not raised:
+            raised.append(delivery.event["id"])
+            raise asyncpg.DeadlockDetectedError("deadlock detected")
+
+    fake.behaviour["evt_dl_1"] = deadlock_once
+    async with feeder(amqp_url, settings) as feed, consumer_running(settings, fake.rules()):
+        await feed.event(event("evt_dl_1"))
+        await wait_until(lambda: applied(settings), what="event applied after deadlock")
+    assert raised == ["evt_dl_1"]
+    assert await applied(settings) == {"evt_dl_1": 1}
+    assert fake.calls == [("evt_dl_1", 1), ("evt_dl_1", 1)]
+
+
+async def test_retrying_outcome_goes_through_a_wait_queue(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A 'retrying' Result is committed, re-published with attempt+1 and first-seen kept, then applied."""
+    from handlers import Result
+
+    async def not_yet_on_first(_con: Any, delivery: Any) -> Any:
+        return Result("retrying", retry_reason="unmatched_charge") if delivery.attempt == 1 else None
+
+    fake.behaviour["evt_wait_1"] = not_yet_on_first
+    seen: list[Any] = []
+    original = fake.apply_event
+
+    async def spy(con: Any, delivery: Any, policy: Any) -> Any:
+        seen.append(delivery)
+        return await original(con, delivery, policy)
+
+    rules = dataclasses.replace(fake.rules(), apply_event=spy)
+    async with feeder(amqp_url, settings) as feed, consumer_running(settings, rules):
+        await feed.event(event("evt_wait_1"), headers={topology.HEADER_FIRST_SEEN_MS: 1_700_000_000_000})
+        await wait_until(lambda: applied(settings), what="event applied on its second attempt")
+    assert await applied(settings) == {"evt_wait_1": 2}
+    assert [d.attempt for d in seen] == [1, 2]
+    assert {d.first_seen_at.timestamp() for d in seen} == {1_700_000_000.0}
+
+
+async def test_poison_event_counts_failures_then_is_dead_lettered(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """An apply that always raises: its savepoint rolls back, each failure is counted in
+    x-recon-failures, and after RECON_MAX_ATTEMPTS (3) the dead letter is recorded with the error;
+    a good event of the same charge delivered alongside still commits."""
+
+    async def poison(con: Any, delivery: Any) -> None:
+        await con.execute("insert into public.applied (event_id, attempt) values ('evt_poison_effect', 0)")
+        raise KeyError("amount_refunded")
+
+    fake.behaviour["evt_poison"] = poison
+    async with feeder(amqp_url, settings) as feed:
+        await feed.event(event("evt_poison", charge_id="ch_same"))
+        await feed.event(event("evt_good", charge_id="ch_same"))
+        async with consumer_running(settings, fake.rules()):
+            rows = await wait_until(lambda: dead(settings), what="dead letter recorded")
+        assert await feed.depth(topology.DEAD_QUEUE) == 0
+    assert [(r["event_id"], r["attempts"], r["error"]) for r in rows] == [
+        ("evt_poison", 3, "KeyError: 'amount_refunded'")
+    ]
+    assert await applied(settings) == {"evt_good": 1}  # the poison's own insert never committed
+    assert [attempt for event_id, attempt in fake.calls if event_id == "evt_poison"] == [1, 2, 3]
+
+
+async def test_body_that_is_not_json_goes_straight_to_dead_letters(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A body no attempt can fix is dead-lettered at once, without calling the rules."""
+    async with feeder(amqp_url, settings) as feed, consumer_running(settings, fake.rules()):
+        await feed.raw(b"\x00not json", message_id="evt_garbled")
+        rows = await wait_until(lambda: dead(settings), what="dead letter recorded")
+    assert [(r["event_id"], r["error"], r["attempts"], bytes(r["body"])) for r in rows] == [
+        ("evt_garbled", "body is not JSON", 1, b"\x00not json")
+    ]
+    assert fake.calls == []
+
+
+async def test_commit_failure_keeps_nothing_and_the_event_comes_back(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """When COMMIT itself fails (a deferred constraint), the message is not acked as done and
+    nothing of that attempt is kept: it comes back as a counted failure and commits on attempt 2,
+    while an innocent event of the same batch commits on its first attempt."""
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await con.execute(
+            """
+            create function public.refuse_first_attempt() returns trigger language plpgsql as $$
+            begin
+                if new.attempt = 1 then raise exception 'refused at commit'; end if;
+                return new;
+            end $$;
+            create table public.gate (attempt int not null);
+            create constraint trigger refuse_first_attempt after insert on public.gate
+                deferrable initially deferred for each row execute function public.refuse_first_attempt();
+            """
+        )
+    finally:
+        await con.close()
+
+    async def commits_only_on_retry(con: Any, delivery: Any) -> None:
+        await con.execute("insert into public.gate (attempt) values ($1)", delivery.attempt)
+
+    fake.behaviour["evt_commit_fails"] = commits_only_on_retry
+    async with feeder(amqp_url, settings) as feed:
+        # Queued before the consumer starts, so they usually share a batch: the batch's COMMIT
+        # fails, the batch is split, and only the culprit counts a failure.
+        await feed.event(event("evt_commit_fails", charge_id="ch_gate"))
+        await feed.event(event("evt_innocent", charge_id="ch_gate"))
+        async with consumer_running(settings, fake.rules()):
+            await wait_until(lambda: _count(settings, 2), what="both committed")
+    assert await applied(settings) == {"evt_commit_fails": 2, "evt_innocent": 1}
+    assert [attempt for event_id, attempt in fake.calls if event_id == "evt_commit_fails"][-2:] == [1, 2]
+
+
+async def test_crash_looping_message_is_recorded_as_delivery_limit(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A message RabbitMQ dead-letters itself after x-delivery-limit redeliveries (a worker that
+    died on it each time) is recorded with the delivery-limit error."""
+    async with feeder(amqp_url, settings) as feed:
+        await feed.event(event("evt_crash_loop"))
+        channel = await feed.connection.channel()
+        queue = await channel.get_queue(topology.WORK_QUEUE)
+
+        async def returned_until_gone() -> bool:
+            message = await queue.get(fail=False)
+            if message is None:
+                return await feed.depth(topology.DEAD_QUEUE) == 1
+            await message.nack(requeue=True)  # as a crash would: back to the queue, counted
+            return False
+
+        await wait_until(returned_until_gone, what="RabbitMQ dead-lettering at the delivery limit")
+        async with consumer_running(settings, fake.rules()):
+            rows = await wait_until(lambda: dead(settings), what="dead letter recorded")
+    assert [(r["event_id"], r["error"]) for r in rows] == [("evt_crash_loop", DELIVERY_LIMIT_ERROR)]
+    assert rows[0]["attempts"] == settings.max_attempts + 1  # delivered once, redelivered up to the limit
+    assert fake.calls == []
+
+
+async def test_events_of_one_charge_apply_in_delivery_order(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """Events of one charge share a lane: they are applied in the order the queue delivered them."""
+    ids = [f"evt_order_{i:03d}" for i in range(60)]
+    async with feeder(amqp_url, settings) as feed:
+        for event_id in ids:
+            await feed.event(event(event_id, charge_id="ch_ordered"))
+        async with consumer_running(settings, fake.rules()):
+            await wait_until(lambda: _count(settings, len(ids)), what="all applied")
+    rows = await fetch(settings.database_url, "select event_id from public.applied order by applied_seq")
+    assert [row["event_id"] for row in rows] == ids
+
+
+async def _count(settings: Settings, expected: int) -> bool:
+    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
+    return bool(rows[0]["n"] == expected)
+
+
+async def test_drain_on_shutdown_commits_and_acks_everything_delivered(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """Leaving the app (the SIGTERM path) stops consuming, then finishes what was delivered: every
+    event is either applied and acked, or still in the queue — none lost, none left half-done."""
+    ids = [f"evt_drain_{i:04d}" for i in range(400)]
+    async with feeder(amqp_url, settings) as feed:
+        for i, event_id in enumerate(ids):
+            await feed.event(event(event_id, charge_id=f"ch_{i % 37}"))
+        async with consumer_running(settings, fake.rules()):
+            await wait_until(lambda: _at_least(settings, 1), what="some events applied")
+        done = await applied(settings)
+        still_queued = await feed.depth()
+    assert len(done) + still_queued == len(ids)
+    assert set(done) <= set(ids)
+
+
+async def _at_least(settings: Settings, n: int) -> bool:
+    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
+    return bool(rows[0]["n"] >= n)
+
+
+async def test_unconfirmed_retry_publish_never_acks_the_original(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """If the copy for the wait queue is not confirmed (here: the wait queue was deleted), the
+    original is requeued, not acked: redelivered until RabbitMQ's delivery limit dead-letters it,
+    and recorded — never dropped."""
+    from handlers import Result
+
+    async def always_waiting(_con: Any, _delivery: Any) -> Any:
+        return Result("retrying", retry_reason="unmatched_charge")
+
+    fake.behaviour["evt_nowhere"] = always_waiting
+    async with feeder(amqp_url, settings) as feed:
+        channel = await feed.connection.channel()
+        await channel.queue_delete(topology.retry_queue_name(settings.retry_delays_s[0]))
+        async with consumer_running(settings, fake.rules()):
+            await channel.queue_delete(topology.retry_queue_name(settings.retry_delays_s[0]))
+            await feed.event(event("evt_nowhere"))
+            rows = await wait_until(lambda: dead(settings), what="dead letter after the delivery limit")
+    assert [(r["event_id"], r["error"]) for r in rows] == [("evt_nowhere", DELIVERY_LIMIT_ERROR)]
+    assert await _called(fake, "evt_nowhere", settings.max_attempts)
+
+
+async def _called(fake: FakeRules, event_id: str, times: int) -> bool:
+    return sum(1 for called, _ in fake.calls if called == event_id) >= times
+
+
+def test_message_headers_are_read_defensively() -> None:
+    """Headers from RabbitMQ or an old publisher may be bytes or garbage: defaults, never a crash."""
+    from worker.deliveries import header_int
+
+    assert header_int({"x": b"7"}, "x", 1) == 7
+    assert header_int({"x": "seven"}, "x", 1) == 1
+    assert header_int({}, "x", 3) == 3
+    assert isinstance(aio_pika.Message(b"").headers, dict)

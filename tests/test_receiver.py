@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -304,6 +305,34 @@ async def test_receiver_starts_while_broker_is_down(
     finally:
         await proxy.close()
     assert [m.message_id for m in await drain_work_queue(amqp_url)] == [event["id"]]
+
+
+async def _post_or_fail(http: aiohttp.ClientSession, base_url: str, event: dict[str, Any]) -> tuple[str, int]:
+    try:
+        return event["id"], (await post_event(http, base_url, event))[0]
+    except (aiohttp.ClientError, OSError):
+        return event["id"], 0  # the server went away before answering: Stripe would retry
+
+
+async def test_shutdown_with_posts_in_flight_never_acknowledges_an_unqueued_event(
+    receiver_settings: Settings, amqp_url: str
+) -> None:
+    """Stopping the receiver (the SIGTERM path) mid-stream: every event answered 200 is in the queue."""
+    events = [refund_event() for _ in range(150)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as http:
+        async with running("receiver", receiver_settings) as base_url:
+            posts = [asyncio.create_task(_post_or_fail(http, base_url, event)) for event in events]
+
+            async def some_answered() -> bool:
+                return any(post.done() for post in posts)
+
+            await wait_until(some_answered, what="the first answers")
+        answers = await asyncio.gather(*posts)
+    accepted = {event_id for event_id, status in answers if status == 200}
+    queued = {message.message_id for message in await drain_work_queue(amqp_url)}
+    assert accepted, "no request was answered before the shutdown"
+    assert accepted <= queued
+    assert {status for _, status in answers} <= {200, 0}
 
 
 async def _is(expected: int, status: Any) -> bool:

@@ -265,3 +265,76 @@ def test_message_headers_are_read_defensively() -> None:
     assert header_int({"x": "seven"}, "x", 1) == 1
     assert header_int({}, "x", 3) == 3
     assert isinstance(aio_pika.Message(b"").headers, dict)
+
+
+async def test_one_log_line_and_metrics_per_event(settings: Settings, amqp_url: str, fake: FakeRules) -> None:
+    """Each handled event logs one event_handled line with the contract's fields (CONTRACT §7.10)
+    and counts in recon_events_processed by type and outcome."""
+    import structlog
+    from prometheus_client import REGISTRY
+
+    def processed() -> float:
+        labels = {"type": "charge.refunded", "outcome": "applied"}
+        return REGISTRY.get_sample_value("recon_events_processed_total", labels) or 0.0
+
+    before = processed()
+    with structlog.testing.capture_logs() as logs:
+        async with feeder(amqp_url, settings) as feed, consumer_running(settings, fake.rules()):
+            await feed.event(event("evt_logged", charge_id="ch_logged"))
+            await wait_until(lambda: applied(settings), what="event applied")
+    lines = [entry for entry in logs if entry["event"] == "event_handled"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert {k: line[k] for k in ("event_id", "event_type", "stripe_object_id", "outcome", "attempt")} == {
+        "event_id": "evt_logged",
+        "event_type": "charge.refunded",
+        "stripe_object_id": "ch_logged",
+        "outcome": "applied",
+        "attempt": 1,
+    }
+    assert line["duration_ms"] >= 0
+    assert processed() == before + 1
+
+
+async def test_readiness_follows_database_and_broker_outages(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """/readyz's checks fail while the database or the broker is cut off, and recover with them
+    (the AMQP connection is robust: it reconnects by itself)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.tcp_proxy import TcpProxy
+
+    pg, mq = TcpProxy("127.0.0.1", 5432), TcpProxy("127.0.0.1", 5672)
+    await pg.start()
+    await mq.start()
+    db, vhost = urlsplit(settings.database_url), urlsplit(amqp_url)
+    proxied = dataclasses.replace(
+        settings,
+        database_url=urlunsplit(db._replace(netloc=f"postgres@127.0.0.1:{pg.port}")),
+        amqp_url=urlunsplit(vhost._replace(netloc=f"guest:guest@127.0.0.1:{mq.port}")),
+    )
+    try:
+        async with consumer_running(proxied, fake.rules()) as consumer:
+            assert await consumer.database_ready() is None
+            assert await consumer.broker_ready() is None
+            await pg.cut()
+            assert await consumer.database_ready() == "database unreachable"
+            await pg.restore()
+            await wait_until(lambda: _is_none(consumer.database_ready()), what="database ready again")
+            await mq.cut()
+            down = "broker unreachable"
+            await wait_until(lambda: _equals(consumer.broker_ready(), down), what="broker down")
+            await mq.restore()
+            await wait_until(lambda: _is_none(consumer.broker_ready()), what="broker ready again")
+    finally:
+        await pg.close()
+        await mq.close()
+
+
+async def _is_none(check: Any) -> bool:
+    return await check is None
+
+
+async def _equals(check: Any, expected: str) -> bool:
+    return bool(await check == expected)

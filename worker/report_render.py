@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from worker.text_table import render_table
 
-ColumnKind = Literal["text", "money", "count", "moment", "day"]
+ColumnKind = Literal["text", "money", "count", "moment", "day", "flag"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,8 @@ def _table_cell(value: Any, kind: ColumnKind) -> str:
         return format(Decimal(value), ",f")
     if kind == "moment":
         return str(value.astimezone(UTC).strftime("%Y-%m-%d %H:%M"))
+    if kind == "flag":
+        return "yes" if value else "no"
     return str(_plain(value, kind))
 
 

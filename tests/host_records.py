@@ -6,6 +6,7 @@ production.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import asyncpg
@@ -99,10 +100,11 @@ async def balance(con: asyncpg.Connection, charge_id: str) -> dict[str, Any]:
 
 
 async def exceptions(con: asyncpg.Connection, kind: str | None = None) -> list[dict[str, Any]]:
+    """Rows of finance.exceptions (of one kind), ``detail`` decoded from JSON."""
     rows = await con.fetch(
         "select * from finance.exceptions where $1::text is null or kind = $1 order by id", kind
     )
-    return [dict(r) for r in rows]
+    return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
 
 
 async def audit_actions(con: asyncpg.Connection, event_id: str | None = None) -> list[str]:

@@ -99,9 +99,10 @@ class Balance:
     """Expected finance.payment_balances columns; None means the contract does not say."""
 
     currency: str
+    amount: int | None  # the captured amount once Stripe showed it, else the host's amount
     amount_refunded: int
     refundable_amount: int | None
-    net_amount: int | None
+    net_amount: int  # every ledger row of the payment in its own currency (a fee settled elsewhere is not)
     status: str | None
     disputed: bool
     dispute_status: str | None
@@ -189,9 +190,10 @@ def _expect_charge(charge: Charge, out: Expected) -> None:
     status = money_status(net_refunded, captured) if captured else None
     out.balances[ch] = Balance(
         currency=cur,
+        amount=captured or None,
         amount_refunded=net_refunded,
         refundable_amount=max(captured - net_refunded, 0) if captured else None,
-        net_amount=captured - net_refunded if captured else None,
+        net_amount=sum(n * row[1] for row, n in out.ledger.items() if row[4] == ch and row[2] == cur),
         status=status,
         disputed=disputed,
         dispute_status=truth.dispute_status,

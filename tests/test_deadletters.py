@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
 from handlers import DeadLetter, Delivery, record_dead_letter
 from tests.builders import delivery, refund, refund_event
-from tests.harness import fetch
+from tests.harness import fetch, post_event, running, wait_until
 from tests.host_records import add_order_with_payment, apply, exceptions, inbox, ledger
 from tests.stripe_events import encode, fixture, make_event, unique_id
 from tests.work_queue import drain_work_queue
@@ -215,3 +217,59 @@ async def test_replaying_an_event_that_already_applied_changes_nothing(settings:
         assert (await inbox(con, str(event["id"])))["outcome"] == "applied"
     finally:
         await con.close()
+
+
+def _json_lines(output: str) -> list[dict[str, Any]]:
+    rows = []
+    for line in output.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return [row for row in rows if isinstance(row, dict)]
+
+
+async def _dead_letter_seen(database_url: str, event_id: str, after: datetime) -> bool:
+    rows = await fetch(
+        database_url,
+        "select 1 from recon.dead_letters where event_id = $1 and replayed_at is null and last_seen_at > $2",
+        event_id,
+        after,
+    )
+    return bool(rows)
+
+
+async def test_a_poison_event_is_listed_and_a_failing_replay_comes_back(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end with `recon run`: a webhook the rules cannot apply is dead-lettered and listed;
+    replayed, it gets fresh attempts, fails again and is listed again, never lost."""
+    charge_id = unique_id("ch")
+    event = refund_event("refund.created", refund(charge_id=charge_id, amount=300))
+    event["data"]["object"]["amount"] = "three hundred"  # the rules cannot book this
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await add_order_with_payment(con, unique_id("ORD"), charge_id, amount=1000)
+    finally:
+        await con.close()
+    started = datetime.now(UTC)
+    async with running("run", settings) as base_url, aiohttp.ClientSession() as http:
+        assert (await post_event(http, base_url, event))[0] == 200
+        await wait_until(
+            lambda: _dead_letter_seen(settings.database_url, str(event["id"]), started), what="dead letter"
+        )
+        assert await deadletters.list_dead_letters(settings, as_json=True) == 0
+        # The in-process server logs to the same stdout: keep only the listing's lines.
+        [listed] = [row for row in _json_lines(capsys.readouterr().out) if "last_seen_at" in row]
+        assert listed["event_id"] == event["id"] and listed["last_error"]
+
+        replayed_at = datetime.now(UTC)
+        assert await deadletters.replay(settings, [], replay_all=True) == 0
+        await wait_until(
+            lambda: _dead_letter_seen(settings.database_url, str(event["id"]), replayed_at),
+            what="the replayed event dead-lettered again",
+        )
+    rows = await fetch(
+        settings.database_url, "select count(*) as n from finance.ledger where kind = 'refund'"
+    )
+    assert rows[0]["n"] == 0

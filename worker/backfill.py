@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -117,10 +118,13 @@ async def _run(settings: Settings, api_key: str, params: dict[str, Any], counts:
 
 async def backfill(settings: Settings, *, since: datetime, until: datetime | None) -> int:
     """Queue every handled event created in [since, until] that the inbox has not seen."""
-    if not settings.stripe_api_key:
-        raise SettingsError("STRIPE_API_KEY is not set: backfill lists events from the Stripe API")
     if until is not None and until < since:
         raise SettingsError("--until is before --since")
+    if not settings.stripe_api_key:
+        raise SettingsError("STRIPE_API_KEY is not set: backfill lists events from the Stripe API")
+    # The stripe package logs every request and retry at INFO as unstructured lines on stdout,
+    # where they would bury the one summary line; its warnings still show.
+    logging.getLogger("stripe").setLevel(max(logging.WARNING, logging.getLogger().level))
     counts = BackfillCounts()
     try:
         await _run(settings, settings.stripe_api_key, event_list_params(since, until), counts)

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from tests.builders import refund, refund_event
+from tests.harness import events_settled, fetch, post_event, running, wait_until
+from tests.host_records import add_order_with_payment
 from tests.stripe_events import fixture, make_event, unique_id
 from tests.work_queue import drain_work_queue
 from worker import backfill as backfill_command
@@ -189,3 +193,43 @@ def test_backfill_without_api_key_exits_2_with_one_line(
 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "STRIPE_API_KEY" in err
+
+
+async def test_backfill_during_live_webhooks_books_each_refund_once(
+    settings: Settings, fake_stripe: tuple[FakeStripeEvents, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With `recon run` consuming: a webhook already applied is skipped, a missed one is queued and
+    applied, and one arriving by webhook and backfill at the same time still books one refund."""
+    fake, base_url = fake_stripe
+    charge_id = unique_id("ch")
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await add_order_with_payment(con, unique_id("ORD"), charge_id, amount=10_000)
+    finally:
+        await con.close()
+    delivered, missed, racing = (
+        refund_event(
+            "refund.created", refund(charge_id=charge_id, amount=amount, created=_at(day)), created=_at(day)
+        )
+        for day, amount in ((2, 100), (3, 200), (4, 400))
+    )
+    fake.events = [delivered, missed, racing]
+    configured = replace(settings, stripe_api_key=API_KEY, stripe_api_base=base_url)
+
+    async with running("run", settings) as app_url, aiohttp.ClientSession() as http:
+        assert (await post_event(http, app_url, delivered))[0] == 200
+        await wait_until(lambda: events_settled(settings.database_url, [delivered["id"]]), what="webhook")
+        assert (await post_event(http, app_url, racing))[0] == 200  # may or may not be in the inbox yet
+        assert await backfill_command.backfill(configured, since=SINCE, until=UNTIL) == 0
+        all_ids = [e["id"] for e in fake.events]
+        await wait_until(lambda: events_settled(settings.database_url, all_ids), what="backfilled events")
+
+    summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith("seen ")]
+    # The applied webhook is known; the racing one may or may not have reached the inbox yet.
+    assert summary[0] in ("seen 3, queued 1, already known 2", "seen 3, queued 2, already known 1")
+    rows = await fetch(
+        settings.database_url,
+        "select amount from finance.ledger where stripe_charge_id = $1 and kind = 'refund' order by amount",
+        charge_id,
+    )
+    assert [r["amount"] for r in rows] == [-400, -200, -100]

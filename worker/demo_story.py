@@ -59,6 +59,10 @@ class _Ids:
     def __call__(self, prefix: str) -> str:
         return new_id(prefix, self.tag)
 
+    def send(self, label: str, event_type: str, obj: dict[str, Any], created: int, copies: int = 1) -> Send:
+        """A delivery of a new event (fresh id) of ``event_type`` about ``obj``."""
+        return Send(label, event(event_type, obj, event_id=self("evt"), created=created), copies)
+
 
 def _charge(ids: _Ids, owner: Owner, amount: int, currency: str, created: int) -> DemoCharge:
     key = "order_number" if owner.kind == "order" else "invoice_number"
@@ -66,10 +70,7 @@ def _charge(ids: _Ids, owner: Owner, amount: int, currency: str, created: int) -
 
 
 def _paid(ids: _Ids, charge: DemoCharge) -> Send:
-    return Send(
-        "customer pays",
-        event("charge.succeeded", charge_object(charge), event_id=ids("evt"), created=charge.created),
-    )
+    return ids.send("customer pays", "charge.succeeded", charge_object(charge), charge.created)
 
 
 def partial_refunds(ids: _Ids, number: str, t: int) -> Scenario:
@@ -77,25 +78,16 @@ def partial_refunds(ids: _Ids, number: str, t: int) -> Scenario:
     charge = _charge(ids, owner, 12_000, "usd", t)
     first = refund_object(charge, ids("re"), 2_000, created=t + 60)
     second = refund_object(charge, ids("re"), 3_000, created=t + 120)
+    both = charge_object(charge, [first, second])
     return Scenario(
         "Two partial refunds; the second webhook is delivered twice at once",
         owner,
         charge,
         (
             _paid(ids, charge),
-            Send(
-                "partial refund",
-                event("charge.refunded", charge_object(charge, [first]), event_id=ids("evt"), created=t + 60),
-            ),
-            Send(
-                "second partial refund (duplicate delivery)",
-                event(
-                    "charge.refunded",
-                    charge_object(charge, [first, second]),
-                    event_id=ids("evt"),
-                    created=t + 120,
-                ),
-                copies=2,
+            ids.send("partial refund", "charge.refunded", charge_object(charge, [first]), t + 60),
+            ids.send(
+                "second partial refund (duplicate delivery)", "charge.refunded", both, t + 120, copies=2
             ),
         ),
     )
@@ -111,10 +103,7 @@ def dashboard_full_refund(ids: _Ids, number: str, t: int) -> Scenario:
         charge,
         (
             _paid(ids, charge),
-            Send(
-                "full refund",
-                event("charge.refunded", charge_object(charge, [full]), event_id=ids("evt"), created=t + 90),
-            ),
+            ids.send("full refund", "charge.refunded", charge_object(charge, [full]), t + 90),
         ),
     )
 
@@ -130,35 +119,24 @@ def failed_refund(ids: _Ids, number: str, t: int) -> Scenario:
         charge,
         (
             _paid(ids, charge),
-            Send(
-                "refund pending",
-                event(
-                    "charge.refunded", charge_object(charge, [pending]), event_id=ids("evt"), created=t + 60
-                ),
-            ),
-            Send(
-                "refund failed", event("charge.refund.updated", failed, event_id=ids("evt"), created=t + 300)
-            ),
+            ids.send("refund pending", "charge.refunded", charge_object(charge, [pending]), t + 60),
+            ids.send("refund failed", "charge.refund.updated", failed, t + 300),
         ),
     )
 
 
-def _withdrawal(ids: _Ids, charge: DemoCharge, dispute_id: str, settled: int, created: int) -> dict[str, Any]:
+def _dispute_txn(ids: _Ids, dispute_id: str, *, settled: int, fee: int, created: int) -> dict[str, Any]:
+    """A balance transaction of the dispute in the settlement currency (settled < 0 withdraws)."""
     return balance_transaction(
-        ids("txn"),
-        amount=-settled,
-        fee=DISPUTE_FEE,
-        currency=SETTLEMENT_CURRENCY,
-        created=created,
-        source=dispute_id,
+        ids("txn"), amount=settled, fee=fee, currency=SETTLEMENT_CURRENCY, created=created, source=dispute_id
     )
 
 
 def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
     owner = Owner("order", number, "charge_id")
     charge = _charge(ids, owner, 4_500, "usd", t)
-    dispute_id, due = ids("dp"), t + EVIDENCE_WINDOW_S
-    withdrawn = [_withdrawal(ids, charge, dispute_id, 4_500, t + 3_600)]
+    dispute_id, opened = ids("dp"), t + 3_600
+    withdrawn = [_dispute_txn(ids, dispute_id, settled=-4_500, fee=DISPUTE_FEE, created=opened)]
 
     def snapshot(status: str) -> dict[str, Any]:
         return dispute_object(
@@ -166,8 +144,8 @@ def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
             dispute_id,
             status=status,
             balance_transactions=withdrawn,
-            created=t + 3_600,
-            evidence_due_by=due,
+            created=opened,
+            evidence_due_by=t + EVIDENCE_WINDOW_S,
         )
 
     return Scenario(
@@ -176,27 +154,17 @@ def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
         charge,
         (
             _paid(ids, charge),
-            Send(
-                "dispute closed: lost (arrives first)",
-                event("charge.dispute.closed", snapshot("lost"), event_id=ids("evt"), created=t + 7_200),
+            ids.send(
+                "dispute closed: lost (arrives first)", "charge.dispute.closed", snapshot("lost"), t + 7_200
             ),
-            Send(
+            ids.send(
                 "funds withdrawn (arrives second)",
-                event(
-                    "charge.dispute.funds_withdrawn",
-                    snapshot("needs_response"),
-                    event_id=ids("evt"),
-                    created=t + 3_601,
-                ),
+                "charge.dispute.funds_withdrawn",
+                snapshot("needs_response"),
+                opened + 1,
             ),
-            Send(
-                "dispute opened (arrives last)",
-                event(
-                    "charge.dispute.created",
-                    snapshot("needs_response"),
-                    event_id=ids("evt"),
-                    created=t + 3_600,
-                ),
+            ids.send(
+                "dispute opened (arrives last)", "charge.dispute.created", snapshot("needs_response"), opened
             ),
         ),
     )
@@ -205,17 +173,10 @@ def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
 def won_dispute(ids: _Ids, number: str, t: int) -> Scenario:
     owner = Owner("invoice", number, "payment_intent")
     charge = _charge(ids, owner, 20_000, "gbp", t)
-    dispute_id, due = ids("dp"), t + EVIDENCE_WINDOW_S
+    dispute_id, opened, reinstated = ids("dp"), t + 3_600, t + 5_400
     # GBP 200.00 settles as USD 254.00 on the demo's USD account; the fee is charged in USD.
-    withdrawal = _withdrawal(ids, charge, dispute_id, 25_400, t + 3_600)
-    reinstatement = balance_transaction(
-        ids("txn"),
-        amount=25_400,
-        fee=-DISPUTE_FEE,
-        currency=SETTLEMENT_CURRENCY,
-        created=t + 5_400,
-        source=dispute_id,
-    )
+    withdrawal = _dispute_txn(ids, dispute_id, settled=-25_400, fee=DISPUTE_FEE, created=opened)
+    reinstatement = _dispute_txn(ids, dispute_id, settled=25_400, fee=-DISPUTE_FEE, created=reinstated)
 
     def snapshot(status: str, txns: list[dict[str, Any]]) -> dict[str, Any]:
         return dispute_object(
@@ -223,43 +184,27 @@ def won_dispute(ids: _Ids, number: str, t: int) -> Scenario:
             dispute_id,
             status=status,
             balance_transactions=txns,
-            created=t + 3_600,
-            evidence_due_by=due,
+            created=opened,
+            evidence_due_by=t + EVIDENCE_WINDOW_S,
         )
 
+    both = [withdrawal, reinstatement]
     return Scenario(
         "A dispute that is won: funds and fee come back (payment matched by payment intent)",
         owner,
         charge,
         (
             _paid(ids, charge),
-            Send(
+            ids.send(
                 "dispute opened, funds withdrawn",
-                event(
-                    "charge.dispute.created",
-                    snapshot("needs_response", [withdrawal]),
-                    event_id=ids("evt"),
-                    created=t + 3_600,
-                ),
+                "charge.dispute.created",
+                snapshot("needs_response", [withdrawal]),
+                opened,
             ),
-            Send(
-                "funds reinstated",
-                event(
-                    "charge.dispute.funds_reinstated",
-                    snapshot("won", [withdrawal, reinstatement]),
-                    event_id=ids("evt"),
-                    created=t + 5_400,
-                ),
+            ids.send(
+                "funds reinstated", "charge.dispute.funds_reinstated", snapshot("won", both), reinstated
             ),
-            Send(
-                "dispute closed: won",
-                event(
-                    "charge.dispute.closed",
-                    snapshot("won", [withdrawal, reinstatement]),
-                    event_id=ids("evt"),
-                    created=t + 5_401,
-                ),
-            ),
+            ids.send("dispute closed: won", "charge.dispute.closed", snapshot("won", both), reinstated + 1),
         ),
     )
 

@@ -147,8 +147,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
 
 
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
-    link = BrokerLink(app[RECEIVER_SETTINGS])
-    app[BROKER_LINK] = link
+    link = app[BROKER_LINK]
     await link.start()
     yield
     # aiohttp runs this after the server stopped accepting and in-flight requests had
@@ -156,10 +155,9 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await link.close()
 
 
-def _broker_readiness(app: web.Application) -> Callable[[], Awaitable[str | None]]:
+def _broker_readiness(link: BrokerLink) -> Callable[[], Awaitable[str | None]]:
     async def check() -> str | None:
-        link = app.get(BROKER_LINK)
-        return "broker link not started" if link is None else link.not_ready_reason()
+        return link.not_ready_reason()
 
     return check
 
@@ -169,8 +167,10 @@ def create_app(settings: Settings) -> web.Application:
     settings.require_webhook_secrets()
     app = web.Application()
     app[RECEIVER_SETTINGS] = settings
+    # Created here, connected in _broker_ctx: the app's state is complete before it starts.
+    app[BROKER_LINK] = BrokerLink(settings)
     add_health_routes(app)
-    app[READINESS_CHECKS].append(_broker_readiness(app))
+    app[READINESS_CHECKS].append(_broker_readiness(app[BROKER_LINK]))
     app.cleanup_ctx.append(_broker_ctx)
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     return app

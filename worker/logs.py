@@ -22,6 +22,24 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
     return event_dict
 
 
+class StdoutLogger:
+    """Writes each line to ``sys.stdout`` as it is *now*.
+
+    structlog's PrintLogger keeps the stream it was built with; a cached logger then outlives a
+    swapped stdout (pytest's capture, a daemon's redirection) and writes to a closed file.
+    """
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stdout, flush=True)
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+def _stdout_logger(*_args: Any) -> StdoutLogger:
+    return StdoutLogger()
+
+
 def configure_logging(log_format: str = "json", log_level: str = "info") -> None:
     level = getattr(logging, log_level.upper())
     logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level, force=True)
@@ -38,6 +56,6 @@ def configure_logging(log_format: str = "json", log_level: str = "info") -> None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=_stdout_logger,
         cache_logger_on_first_use=True,
     )

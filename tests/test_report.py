@@ -282,3 +282,15 @@ async def test_empty_ledger_prints_empty_sections(
     assert table.count("(none)") == 3
     document = json.loads(await _report(settings, capsys, "json", since=None, currency=None))
     assert (document["movements"], document["open_disputes"], document["open_exceptions"]) == ([], [], [])
+
+
+async def test_the_report_needs_only_the_recon_finance_grants(settings: Settings) -> None:
+    """Finance can run it with their own login: every query works as the SELECT-only role."""
+    await _seed(settings.database_url)
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await con.execute("set role recon_finance")
+        sections = await report.load_sections(con, since=SINCE, currency=None)
+    finally:
+        await con.close()
+    assert [len(s.rows) for s in sections] == [9, 3, 2]

@@ -1,5 +1,7 @@
 """Ledger bookings: each (kind, source id) at most once, with its audit row in the same statement.
 
+Refunds and their reversals are booked by refunds._APPLY_REFUND together with the refund's status.
+
 ``insert … on conflict do nothing returning``: only when a row comes back was anything booked, and
 only then is the audit row written. That makes every handler safe to run twice.
 """
@@ -42,30 +44,6 @@ with booked as (
 select id from booked
 """
 
-# The reversal mirrors the booked refund row (its amount, currency and occurred_at, the refund's
-# created): it exists only if the refund was booked, and whatever event reports the failure, the
-# ledger ends the same.
-_REVERSE_REFUND = """
-with booked as (
-    insert into recon.ledger_entries
-        (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
-    select r.occurred_at, 'refund_reversal', r.source_id, -r.amount, r.currency, r.payment_id,
-           r.stripe_object_id, $2
-    from recon.ledger_entries r
-    where r.kind = 'refund' and r.source_id = $1
-    on conflict (kind, source_id) do nothing
-    returning id, amount, currency, payment_id
-), audited as (
-    insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
-    select 'stripe_refund_reversed', $2, $1, b.payment_id,
-           jsonb_build_object('entry_id', b.id, 'kind', 'refund_reversal', 'amount', b.amount,
-                              'currency', b.currency)
-    from booked b
-)
-select amount from booked
-"""
-
-
 @dataclass(frozen=True, slots=True)
 class Entry:
     kind: LedgerKind
@@ -100,9 +78,3 @@ async def book(
         json.dumps(detail or {}),
     )
     return entry_id is not None
-
-
-async def reverse_refund(con: asyncpg.Connection, refund_id: str, *, event_id: str) -> int | None:
-    """Book the one refund_reversal of a booked refund; its (+) amount, or None if not booked now."""
-    amount: int | None = await con.fetchval(_REVERSE_REFUND, refund_id, event_id)
-    return amount

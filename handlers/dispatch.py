@@ -19,8 +19,8 @@ from handlers.charges import observe, on_charge_event
 from handlers.disputes import on_dispute_event
 from handlers.event import AppliedEvent, Step
 from handlers.finance_exceptions import raise_exception
-from handlers.inbox import claim, settle
-from handlers.matching import OwnerCurrencyMismatch, Payment, create_from_metadata, lock_payment
+from handlers.inbox import claim_and_lock
+from handlers.matching import OwnerCurrencyMismatch, Payment, create_from_metadata
 from handlers.payloads import (
     currency_of,
     embedded_list_complete,
@@ -30,7 +30,7 @@ from handlers.payloads import (
     stripe_id,
 )
 from handlers.refunds import on_charge_refunded, on_refund_event
-from handlers.statuses import persist
+from handlers.statuses import finish, plan
 
 FamilyHandler = Callable[[asyncpg.Connection, AppliedEvent, Payment], Awaitable[Step]]
 
@@ -94,7 +94,7 @@ def _result(
 async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
     """Nothing matches the charge: retry until the policy's deadline, then raise an exception."""
     if applied.may_retry:
-        await settle(con, applied.event_id, "retrying")
+        await finish(con, applied, "retrying")
         return Result(
             "retrying", retry_reason="unmatched_charge", stripe_object_id=applied.object_id
         )
@@ -109,7 +109,7 @@ async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
     await audit(
         con, "event_unmatched", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    await settle(con, applied.event_id, "unmatched")
+    await finish(con, applied, "unmatched")
     return Result("unmatched", stripe_object_id=applied.object_id, detail=detail)
 
 
@@ -120,7 +120,7 @@ async def _currency_mismatch(
     await raise_exception(
         con, "currency_mismatch", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    await settle(con, applied.event_id, "mismatch")
+    await finish(con, applied, "mismatch")
     return Result(
         "mismatch",
         stripe_object_id=applied.object_id,
@@ -130,26 +130,17 @@ async def _currency_mismatch(
     )
 
 
-async def _match(
-    con: asyncpg.Connection, applied: AppliedEvent
-) -> Payment | OwnerCurrencyMismatch | None:
-    payment = await lock_payment(con, applied.ref)
-    if payment is None and applied.ref.charge is not None:
-        return await create_from_metadata(con, applied.ref.charge)
-    return payment
-
-
 async def _apply_to_payment(
     con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
 ) -> Result:
     before = payment.copy()
     await observe(con, applied, payment)
     step = await FAMILY_HANDLERS[applied.type](con, applied, payment)
-    await persist(con, applied, before, payment)
+    write = plan(applied, before, payment)
     outcome: Outcome = step.outcome
     if outcome == "applied" and not applied.changed:
         outcome = "stale"  # an older or repeated snapshot: nothing newer than what is stored
-    await settle(con, applied.event_id, outcome)
+    await finish(con, applied, outcome, payment, write)
     return _result(applied, outcome, payment, step)
 
 
@@ -158,11 +149,13 @@ async def apply_event(con: asyncpg.Connection, delivery: Delivery, policy: Polic
     applied = AppliedEvent.from_delivery(delivery, policy)
     if applied.type not in FAMILY_HANDLERS:
         raise UnhandledEventType(f"event type {applied.type!r} is not handled")
-    inbox_claim = await claim(con, applied)
+    inbox_claim, payment = await claim_and_lock(con, applied)
     if inbox_claim.already_final:
-        return _result(applied, "duplicate")
+        return _result(applied, "duplicate", payment)
     applied.first_seen_at = inbox_claim.first_seen_at
-    match = await _match(con, applied)
+    match: Payment | OwnerCurrencyMismatch | None = payment
+    if match is None and applied.ref.charge is not None:
+        match = await create_from_metadata(con, applied.ref.charge)
     if match is None:
         return await _unmatched(con, applied)
     if isinstance(match, OwnerCurrencyMismatch):

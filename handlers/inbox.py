@@ -7,8 +7,8 @@ from datetime import datetime
 
 import asyncpg
 
-from handlers import Outcome
 from handlers.event import AppliedEvent
+from handlers.matching import Payment
 
 # Outcomes after which the event's effect is complete: a later delivery is a duplicate.
 # `dead_lettered` is final for the broker but not for the effect: a replay applies the event.
@@ -17,26 +17,38 @@ EFFECT_FINAL = frozenset({"applied", "duplicate", "stale", "unmatched", "mismatc
 # The insert takes the row lock on conflict too, so two deliveries of one event serialize here and
 # the second sees the first one's outcome. The placeholder outcome 'retrying' is only ever seen by
 # others if the transaction commits that way.
-_CLAIM = """
-insert into recon.event_inbox as i (event_id, type, created, first_seen_at, outcome, attempts)
-values ($1, $2, $3, $4, 'retrying', 1)
-on conflict (event_id) do update
-    set attempts = i.attempts + case when i.outcome = any($5::text[]) then 0 else 1 end,
-        first_seen_at = least(i.first_seen_at, excluded.first_seen_at)
-returning outcome, first_seen_at, (xmax = 0) as inserted
+#
+# One round trip claims the inbox row and locks the matching payment (a duplicate locks it too,
+# harmlessly: the lock is released with the transaction and a duplicate does nothing else).
+_CLAIM_AND_LOCK = """
+with claimed as (
+    insert into recon.event_inbox as i (event_id, type, created, first_seen_at, outcome, attempts)
+    values ($3, $4, $5, $6, 'retrying', 1)
+    on conflict (event_id) do update
+        set attempts = i.attempts + case when i.outcome = any($7::text[]) then 0 else 1 end,
+            first_seen_at = least(i.first_seen_at, excluded.first_seen_at)
+    returning outcome, first_seen_at, (xmax = 0) as inserted
+), payment as (
+    -- the same lock as matching._LOCK
+    select p.id, p.order_id, p.invoice_id, p.currency, p.amount, p.amount_captured,
+           p.amount_refunded, p.charge_booked, p.disputed, p.status, p.created_by_worker,
+           p.stripe_charge_id, p.recorded_at, p.snapshot_created, p.snapshot_rank,
+           p.snapshot_event_id, o.number as order_number, o.status as order_status,
+           i.number as invoice_number, i.payment_link_status as invoice_status
+    from recon.payments p
+    left join recon.orders o on o.id = p.order_id
+    left join recon.invoices i on i.id = p.invoice_id
+    where p.stripe_charge_id = $1 or p.stripe_payment_intent_id = $2
+    order by (p.stripe_charge_id is not distinct from $1) desc
+    limit 1
+    for update of p
+)
+select c.outcome as inbox_outcome, c.first_seen_at as inbox_first_seen_at,
+       c.inserted as inbox_inserted, payment.*
+from claimed c left join payment on true
 """
 
-# Sets the outcome; a final one also resolves the event's open dead_lettered exception (a replay).
-_SETTLE = """
-with settled as (
-    update recon.event_inbox
-    set outcome = $2,
-        processed_at = case when $2 = 'retrying' then null else now() end
-    where event_id = $1
-)
-update recon.exceptions set resolved_at = now()
-where $2 <> 'retrying' and kind = 'dead_lettered' and stripe_event_id = $1 and resolved_at is null
-"""
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +61,14 @@ class Claim:
         return self.prior_outcome in EFFECT_FINAL
 
 
-async def claim(con: asyncpg.Connection, applied: AppliedEvent) -> Claim:
+async def claim_and_lock(
+    con: asyncpg.Connection, applied: AppliedEvent
+) -> tuple[Claim, Payment | None]:
+    """Upsert the inbox row and lock the payment the event's charge matches (if any)."""
     row = await con.fetchrow(
-        _CLAIM,
+        _CLAIM_AND_LOCK,
+        applied.ref.charge_id,
+        applied.ref.payment_intent_id,
         applied.event_id,
         applied.type,
         applied.created,
@@ -59,8 +76,9 @@ async def claim(con: asyncpg.Connection, applied: AppliedEvent) -> Claim:
         list(EFFECT_FINAL),
     )
     assert row is not None
-    return Claim(None if row["inserted"] else row["outcome"], row["first_seen_at"])
+    claim = Claim(
+        None if row["inbox_inserted"] else row["inbox_outcome"], row["inbox_first_seen_at"]
+    )
+    return claim, Payment.from_record(row) if row["id"] is not None else None
 
 
-async def settle(con: asyncpg.Connection, event_id: str, outcome: Outcome) -> None:
-    await con.execute(_SETTLE, event_id, outcome)

@@ -8,7 +8,7 @@ events of one charge serialize across worker processes while other charges run i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +16,8 @@ import asyncpg
 
 from handlers.payloads import TERMINAL_METHOD_TYPES, ChargeRef, currency_of, stripe_id
 
+# Charge id first, then payment intent. ``for update of p``: the payment row is the lock that
+# serializes the events of one charge. inbox._CLAIM_AND_LOCK repeats this lock with the same columns.
 _LOCK = """
 select p.id, p.order_id, p.invoice_id, p.currency, p.amount, p.amount_captured, p.amount_refunded,
        p.charge_booked, p.disputed, p.status, p.created_by_worker, p.stripe_charge_id,
@@ -75,7 +77,7 @@ class Payment:
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Payment:
-        return cls(**dict(record))
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
 
     def copy(self) -> Payment:
         return replace(self)

@@ -14,14 +14,11 @@ from typing import Any
 
 import asyncpg
 
-from handlers.bookings import Entry, book, reverse_refund
 from handlers.charges import advance_snapshot, is_newest_snapshot
 from handlers.event import AppliedEvent, Step
 from handlers.finance_exceptions import raise_exception
 from handlers.matching import Payment
 from handlers.payloads import (
-    ENDED_REFUND_STATUSES,
-    LIVE_REFUND_STATUSES,
     REFUND_STATUS_RANK,
     currency_of,
     embedded_refunds,
@@ -32,9 +29,12 @@ from handlers.payloads import (
     timestamp,
 )
 
-# Saves the refund's status if this snapshot is newer by (created, rank) — a full tie keeps the
-# stored one — and audits the status change, in one round trip.
-_RECORD_REFUND = """
+# One round trip per refund snapshot: save its status if this snapshot is newer by (created,
+# rank) — a full tie keeps the stored one — then, by the status it has afterwards, book the refund
+# (live) or its one reversal (failed/canceled, only if the refund was booked; it mirrors the refund
+# row: amount, currency, and occurred_at = the refund's created, so whichever event reports the
+# failure the ledger ends the same). Releases ($6) book nothing. Audit rows for all of it.
+_APPLY_REFUND = """
 with old as (
     select status from recon.refunds where id = $1
 ), saved as (
@@ -48,6 +48,26 @@ with old as (
             status_rank = excluded.status_rank
         where (excluded.status_created, excluded.status_rank) > (r.status_created, r.status_rank)
     returning status
+), final as (
+    select coalesce((select status from saved), (select status from old)) as status
+), booked as (
+    insert into recon.ledger_entries
+        (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
+    select $10, 'refund', $1, -$3::bigint, $4, $2, $1, $11
+    from final
+    where not $6 and final.status in ('pending', 'succeeded')
+    on conflict (kind, source_id) do nothing
+    returning id, amount
+), reversed as (
+    insert into recon.ledger_entries
+        (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
+    select r.occurred_at, 'refund_reversal', r.source_id, -r.amount, r.currency, r.payment_id,
+           r.stripe_object_id, $11
+    from recon.ledger_entries r, final
+    where not $6 and final.status in ('failed', 'canceled') and r.kind = 'refund'
+      and r.source_id = $1
+    on conflict (kind, source_id) do nothing
+    returning id, amount
 ), audited as (
     insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
     select 'status_changed', $11, $1, $2,
@@ -55,8 +75,20 @@ with old as (
                               'from', (select status from old), 'to', s.status)
     from saved s
     where s.status is distinct from (select status from old)
+    union all
+    select 'stripe_refund_recorded', $11, $1, $2,
+           jsonb_build_object('entry_id', b.id, 'kind', 'refund', 'amount', b.amount,
+                              'currency', $4::text, 'status', $7::text)
+    from booked b
+    union all
+    select 'stripe_refund_reversed', $11, $1, $2,
+           jsonb_build_object('entry_id', v.id, 'kind', 'refund_reversal', 'amount', v.amount)
+    from reversed v
+    returning id
 )
-select (select status from saved) as saved_status, (select status from old) as old_status
+select (select status from saved) as saved_status,
+       (select amount from booked) as booked_amount,
+       (select amount from reversed) as reversed_amount
 """
 
 # Refunds that were live when the charge snapshot was taken: live now, or failed/canceled only at
@@ -69,17 +101,40 @@ where payment_id = $1 and not is_release
 """
 
 
-async def _record(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, refund: dict[str, Any],
+async def _over_refund_check(
+    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, refund: dict[str, Any]
+) -> None:
+    if payment.amount_refunded <= payment.captured_amount:
+        return
+    # Stripe's word is final: the refund stays booked, finance gets an exception to look at.
+    await raise_exception(
+        con,
+        "over_refund",
+        event_id=applied.event_id,
+        object_id=str(refund["id"]),
+        detail={
+            "refund_amount": int(refund["amount"]),
+            "amount_refunded": payment.amount_refunded,
+            "captured_amount": payment.captured_amount,
+            "currency": currency_of(refund) or payment.currency,
+        },
+    )
+
+
+async def apply_refund(
+    con: asyncpg.Connection,
+    applied: AppliedEvent,
+    payment: Payment,
+    refund: dict[str, Any],
     seen_at: datetime,
-) -> str | None:
-    """Save the refund snapshot; the refund's status after it (None for an unknown status)."""
+) -> None:
+    """Apply one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status."""
     status = refund.get("status")
     rank = REFUND_STATUS_RANK.get(status) if isinstance(status, str) else None
-    if rank is None:
-        return None
+    if stripe_id(refund.get("id")) is None or rank is None:
+        return  # never invent a refund row without an id; an unknown status moves nothing
     row = await con.fetchrow(
-        _RECORD_REFUND,
+        _APPLY_REFUND,
         refund["id"],
         payment.id,
         int(refund["amount"]),
@@ -93,72 +148,14 @@ async def _record(
         applied.event_id,
     )
     assert row is not None
-    if row["saved_status"] is not None:
+    if row["saved_status"] is not None or row["booked_amount"] is not None:
         applied.changed = True
-    final: str = row["saved_status"] or row["old_status"]
-    return final
-
-
-async def _book_refund(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, refund: dict[str, Any]
-) -> None:
-    refund_id, amount = str(refund["id"]), int(refund["amount"])
-    entry = Entry(
-        "refund",
-        refund_id,
-        -amount,
-        currency_of(refund) or payment.currency,
-        timestamp(int(refund["created"])),
-        refund_id,
-    )
-    booked = await book(
-        con,
-        entry,
-        payment_id=payment.id,
-        event_id=applied.event_id,
-        action="stripe_refund_recorded",
-        detail={"status": refund.get("status")},
-    )
-    if not booked:
-        return
-    applied.changed = True
-    payment.amount_refunded += amount
-    if payment.amount_refunded > payment.captured_amount:
-        # Stripe's word is final: the refund stays booked, finance gets an exception to look at.
-        await raise_exception(
-            con,
-            "over_refund",
-            event_id=applied.event_id,
-            object_id=refund_id,
-            detail={
-                "refund_amount": amount,
-                "amount_refunded": payment.amount_refunded,
-                "captured_amount": payment.captured_amount,
-                "currency": entry.currency,
-            },
-        )
-
-
-async def apply_refund(
-    con: asyncpg.Connection,
-    applied: AppliedEvent,
-    payment: Payment,
-    refund: dict[str, Any],
-    seen_at: datetime,
-) -> None:
-    """Apply one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status."""
-    if stripe_id(refund.get("id")) is None:
-        return  # never invent a refund row without an id
-    status = await _record(con, applied, payment, refund, seen_at)
-    if status is None or is_release(refund):
-        return  # a released authorisation is not money back
-    if status in LIVE_REFUND_STATUSES:
-        await _book_refund(con, applied, payment, refund)
-    elif status in ENDED_REFUND_STATUSES:
-        reversed_amount = await reverse_refund(con, str(refund["id"]), event_id=applied.event_id)
-        if reversed_amount is not None:
-            applied.changed = True
-            payment.amount_refunded -= reversed_amount
+    if row["reversed_amount"] is not None:
+        applied.changed = True
+        payment.amount_refunded -= int(row["reversed_amount"])
+    if row["booked_amount"] is not None:
+        payment.amount_refunded -= int(row["booked_amount"])  # booked negative
+        await _over_refund_check(con, applied, payment, refund)
 
 
 async def on_refund_event(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> Step:

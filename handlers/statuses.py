@@ -1,4 +1,5 @@
-"""Statuses (rule 5): payment, order and invoice, recomputed after every change.
+"""Statuses (rule 5): payment, order and invoice, recomputed after every change — and the last
+statement of every event (``finish``), which writes them together with the inbox outcome.
 
 The money statuses are a function of the ledger (charge booked, live refunds net of reversals)
 and of the largest amount_captured shown — all of which end the same in any delivery order — so
@@ -9,42 +10,71 @@ status, by event created then lifecycle rank) feed them.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
+from handlers import Outcome
 from handlers.event import AppliedEvent
 from handlers.matching import Payment
 
 _INVOICE_STATUS = {"paid": "paid", "partially_refunded": "partially_refunded", "refunded": "refunded"}
 
-# One round trip writes the worker's payment fields, the order's or invoice's status and disputed
-# flag (a rejected order keeps its status), and the status_changed audit rows.
-_PERSIST = """
+# The last statement of every event, in one round trip: the worker's payment fields (when $19 says
+# they changed), the order's or invoice's status and disputed flag (a rejected order keeps its
+# status), the status_changed audit rows, and the event's inbox outcome — processed_at set when it
+# is final, null while retrying. A final outcome also resolves the event's open dead_lettered
+# exception: the event was replayed and has now applied.
+_FINISH = """
 with payment as (
     update recon.payments
     set status = $2, amount_captured = $3, amount_refunded = $4, charge_booked = $5, disputed = $6,
         stripe_charge_id = coalesce(stripe_charge_id, $7), snapshot_created = $8,
         snapshot_rank = $9, snapshot_event_id = $10
-    where id = $1
+    where id = $1 and $19::boolean
     returning id
 ), order_row as (
     update recon.orders
     set status = case when status = 'rejected' then status else coalesce($11, status) end,
         disputed = $12
-    where id = $13
+    where id = $13 and $19::boolean
     returning id
 ), invoice_row as (
     update recon.invoices
     set payment_link_status = coalesce($14, payment_link_status), disputed = $12
-    where id = $15
+    where id = $15 and $19::boolean
     returning id
 ), audited as (
     insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
     select 'status_changed', $16, $17, $1, d from unnest($18::jsonb[]) as d
+    returning id
+), settled as (
+    update recon.event_inbox
+    set outcome = $20, processed_at = case when $20 = 'retrying' then null else now() end
+    where event_id = $16
+    returning event_id
+), resolved as (
+    update recon.exceptions set resolved_at = now()
+    where $20 <> 'retrying' and kind = 'dead_lettered' and stripe_event_id = $16
+      and resolved_at is null
+    returning id
 )
-select count(*) from payment
+select count(*) from settled
 """
+
+
+@dataclass(frozen=True, slots=True)
+class StatusWrite:
+    """What persisting a payment after an event writes; ``changed`` False writes only the inbox."""
+
+    changed: bool
+    order_status: str | None = None
+    invoice_status: str | None = None
+    audit_details: tuple[str, ...] = ()
+
+
+NO_WRITE = StatusWrite(changed=False)
 
 
 def money_status(payment: Payment) -> str:
@@ -91,34 +121,46 @@ def _audit_details(before: Payment, after: Payment) -> tuple[str | None, str | N
     return order_status, invoice_status, changes + owner_changes
 
 
-async def persist(
-    con: asyncpg.Connection, applied: AppliedEvent, before: Payment, after: Payment
-) -> None:
-    """Recompute ``after``'s status and write whatever differs from ``before`` (the locked row)."""
+def plan(applied: AppliedEvent, before: Payment, after: Payment) -> StatusWrite:
+    """Recompute ``after``'s status and say what differs from ``before`` (the locked row)."""
     after.status = money_status(after)
     if after == before:
-        return
+        return StatusWrite(changed=False)
     order_status, invoice_status, details = _audit_details(before, after)
     if details:
         applied.changed = True
+    return StatusWrite(True, order_status, invoice_status, tuple(details))
+
+
+async def finish(
+    con: asyncpg.Connection,
+    applied: AppliedEvent,
+    outcome: Outcome,
+    payment: Payment | None = None,
+    write: StatusWrite = NO_WRITE,
+) -> None:
+    """Write the payment's changes (if any) and the event's inbox outcome."""
+    p = payment
     await con.execute(
-        _PERSIST,
-        after.id,
-        after.status,
-        after.amount_captured,
-        after.amount_refunded,
-        after.charge_booked,
-        after.disputed,
-        after.stripe_charge_id,
-        after.snapshot_created,
-        after.snapshot_rank,
-        after.snapshot_event_id,
-        order_status,
-        after.disputed,
-        after.order_id,
-        invoice_status,
-        after.invoice_id,
+        _FINISH,
+        p.id if p else None,
+        p.status if p else None,
+        p.amount_captured if p else None,
+        p.amount_refunded if p else None,
+        p.charge_booked if p else None,
+        p.disputed if p else None,
+        p.stripe_charge_id if p else None,
+        p.snapshot_created if p else None,
+        p.snapshot_rank if p else None,
+        p.snapshot_event_id if p else None,
+        write.order_status,
+        p.disputed if p else None,
+        p.order_id if p else None,
+        write.invoice_status,
+        p.invoice_id if p else None,
         applied.event_id,
         applied.object_id,
-        details,
+        list(write.audit_details),
+        write.changed and p is not None,
+        outcome,
     )

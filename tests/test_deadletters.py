@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aio_pika
 import aiohttp
 import asyncpg
 import pytest
@@ -17,7 +20,7 @@ from tests.harness import fetch, post_event, running, wait_until
 from tests.host_records import add_order_with_payment, apply, exceptions, inbox, ledger
 from tests.stripe_events import encode, fixture, make_event, unique_id
 from tests.work_queue import drain_work_queue
-from worker import deadletters, topology
+from worker import broker, deadletters, topology
 from worker.settings import Settings
 
 
@@ -273,3 +276,39 @@ async def test_a_poison_event_is_listed_and_a_failing_replay_comes_back(
         settings.database_url, "select count(*) as n from finance.ledger where kind = 'refund'"
     )
     assert rows[0]["n"] == 0
+
+
+async def test_a_replay_the_broker_does_not_confirm_stays_waiting(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 1 with one line; confirmed letters are marked replayed, the unconfirmed one stays listed."""
+    good, refused = _refund_event("ch_ok", 100), _refund_event("ch_nack", 200)
+    for event in (good, refused):
+        await _store_dead_letter(settings.database_url, event, error="poison")
+    real_session = deadletters.publisher_session
+
+    class NackingPublisher:
+        def __init__(self, real: broker.Publisher) -> None:
+            self._real = real
+
+        async def publish_to_queue(self, message: aio_pika.Message, queue_name: str) -> None:
+            if message.message_id == refused["id"]:
+                raise broker.PublishFailed("broker answered Nack")
+            await self._real.publish_to_queue(message, queue_name)
+
+    @asynccontextmanager
+    async def nacking_session(s: Settings) -> AsyncIterator[NackingPublisher]:
+        async with real_session(s) as publisher:
+            yield NackingPublisher(publisher)
+
+    monkeypatch.setattr(deadletters, "publisher_session", nacking_session)
+
+    assert await deadletters.replay(settings, [], replay_all=True) == 1
+
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(refused["id"]) in err and str(good["id"]) not in err
+    assert [m.message_id for m in await drain_work_queue(settings.amqp_url)] == [good["id"]]
+    waiting = await fetch(
+        settings.database_url, "select event_id from recon.dead_letters where replayed_at is null"
+    )
+    assert [r["event_id"] for r in waiting] == [refused["id"]]

@@ -140,13 +140,21 @@ async def _publish_all(settings: Settings, letters: list[StoredDeadLetter]) -> l
 
         results = await asyncio.gather(*(one(letter) for letter in letters), return_exceptions=True)
     confirmed: list[str] = []
+    failed: dict[str, broker.PublishFailed] = {}
     for letter, result in zip(letters, results, strict=True):
         if isinstance(result, broker.PublishFailed):
-            print(f"recon: error: {letter.event_id} not re-queued: {result}", file=sys.stderr)
+            failed[letter.event_id] = result
         elif isinstance(result, BaseException):
             raise result
         else:
             confirmed.append(result)
+    if failed:
+        reason = next(iter(failed.values()))
+        ids = ", ".join(failed)
+        print(
+            f"recon: error: broker did not confirm {len(failed)} ({reason}), not re-queued: {ids}",
+            file=sys.stderr,
+        )
     return confirmed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from handlers import DeadLetter, record_dead_letter
+from handlers import DeadLetter, Policy, apply_event, record_dead_letter
 from tests import builders as b
 from tests import host_records as h
 from tests.stripe_events import encode
@@ -44,8 +45,6 @@ async def test_same_event_applied_twice_in_one_transaction_books_once(con: async
     await h.add_order_with_payment(con, "O-1", "ch_1")
     event = b.refund_event("refund.created", b.refund(charge_id="ch_1", amount=300))
     async with con.transaction():
-        from handlers import Policy, apply_event
-
         first = await apply_event(con, b.delivery(event), Policy(3600))
         second = await apply_event(con, b.delivery(event), Policy(3600))
     assert (first.outcome, second.outcome) == ("applied", "duplicate")
@@ -138,3 +137,24 @@ async def test_dead_letter_with_an_unparsable_body_is_still_kept(con: asyncpg.Co
         await record_dead_letter(con, dead)
     assert (await h.inbox(con, "evt_garbage"))["outcome"] == "dead_lettered"
     assert len(await h.exceptions(con, "dead_lettered")) == 1
+
+
+async def test_concurrent_deliveries_of_one_event_apply_once(database_url: str) -> None:
+    """Two workers handed the same event at once: one applies it, the other sees a duplicate."""
+    setup = await asyncpg.connect(database_url)
+    await h.add_order_with_payment(setup, "O-1", "ch_1")
+    event = b.refund_event("refund.created", b.refund(charge_id="ch_1", amount=300))
+    workers = [await asyncpg.connect(database_url) for _ in range(2)]
+
+    async def deliver(con: asyncpg.Connection) -> str:
+        async with con.transaction():
+            return (await apply_event(con, b.delivery(event), Policy(3600))).outcome
+
+    try:
+        outcomes = await asyncio.gather(*(deliver(w) for w in workers))
+        assert sorted(outcomes) == ["applied", "duplicate"]
+        assert await setup.fetchval("select count(*) from recon.ledger_entries where kind = 'refund'") == 1
+        assert await setup.fetchval("select attempts from recon.event_inbox") == 1
+    finally:
+        for c in [*workers, setup]:
+            await c.close()

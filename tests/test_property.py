@@ -23,7 +23,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +71,27 @@ def worker_env(s: Settings) -> dict[str, str]:
     return env
 
 
+@dataclass
+class Workers:
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def check_alive(self) -> None:
+        """Fail at once, with the log, when a worker died (instead of waiting out a deadline)."""
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-12:])
+                raise AssertionError(f"recon worker exited with {proc.returncode}:\n{tail}")
+
+
 @contextlib.asynccontextmanager
-async def worker_processes(s: Settings, count: int, log_dir: Path) -> AsyncIterator[list[Path]]:
-    """``count`` real ``recon worker`` processes (distinct health ports); yields their log files.
+async def worker_processes(s: Settings, count: int, log_dir: Path) -> AsyncIterator[Workers]:
+    """``count`` real ``recon worker`` processes (distinct health ports), with their log files.
 
     Leaving sends SIGTERM and waits for the drain, so the logs are complete afterwards.
     """
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
+    workers = Workers()
+    procs, logs = workers.procs, workers.logs
     try:
         for n in range(count):
             log_path = log_dir / f"worker{n}.log"
@@ -89,7 +102,7 @@ async def worker_processes(s: Settings, count: int, log_dir: Path) -> AsyncItera
                     env=worker_env(port_settings), cwd=log_dir, stdout=out, stderr=subprocess.STDOUT,
                 ))
             logs.append(log_path)
-        yield logs
+        yield workers
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -231,14 +244,19 @@ async def run_example(pg_template: str, history: list[Charge], delivered: list[d
         await seed_host_rows(s.database_url, history)
         with tempfile.TemporaryDirectory() as tmp:
             async with running("receiver", s) as base_url, aiohttp.ClientSession() as http:
-                async with worker_processes(s, 2, Path(tmp)):
+                async with worker_processes(s, 2, Path(tmp)) as workers:
                     for event in delivered:
                         status, body = await post_event(http, base_url, event)
                         assert status == 200, (status, body)
                     ids = [e["id"] for e in delivered]
+
+                    async def settled() -> bool:
+                        workers.check_alive()
+                        return await events_settled(s.database_url, ids)
+
                     try:
                         await wait_until(
-                            lambda: events_settled(s.database_url, ids), timeout_s=UNMATCHED_RETRY_S + 40,
+                            settled, timeout_s=UNMATCHED_RETRY_S + 40,
                             interval_s=0.2, what="every event to reach a final outcome",
                         )
                     except AssertionError as exc:

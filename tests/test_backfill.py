@@ -233,3 +233,23 @@ async def test_backfill_during_live_webhooks_books_each_refund_once(
         charge_id,
     )
     assert [r["amount"] for r in rows] == [-400, -200, -100]
+
+
+async def test_backfill_applies_the_receivers_livemode_rule(
+    settings: Settings, fake_stripe: tuple[FakeStripeEvents, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With STRIPE_LIVEMODE=false a live-mode event is not queued, as the receiver would refuse it."""
+    fake, base_url = fake_stripe
+    test_mode = [_refund_event(_at(d)) for d in (2, 3)]
+    live = _refund_event(_at(4))
+    live["livemode"] = True
+    fake.events = [*test_mode, live]
+
+    configured = replace(settings, stripe_api_key=API_KEY, stripe_api_base=base_url, livemode=False)
+    assert await backfill_command.backfill(configured, since=SINCE, until=UNTIL) == 0
+
+    assert capsys.readouterr().out.strip() == (
+        "seen 3, queued 2, already known 0, skipped 1 the receiver would refuse"
+    )
+    queued = await drain_work_queue(settings.amqp_url)
+    assert sorted(m.message_id or "" for m in queued) == sorted(e["id"] for e in test_mode)

@@ -22,7 +22,8 @@ import asyncpg
 import stripe
 
 from worker import broker
-from worker.events import HANDLED_TYPES, NotAnEvent, check_envelope
+from worker.events import HANDLED_TYPES
+from worker.intake_verify import WebhookRejected, parse_event
 from worker.publisher_session import publisher_session
 from worker.settings import Settings, SettingsError
 
@@ -39,9 +40,11 @@ class BackfillCounts:
     seen: int = 0
     queued: int = 0
     already_known: int = 0
+    skipped: int = 0  # refused by the receiver's own checks (other mode, not an event, other type)
 
     def line(self) -> str:
-        return f"seen {self.seen}, queued {self.queued}, already known {self.already_known}"
+        line = f"seen {self.seen}, queued {self.queued}, already known {self.already_known}"
+        return f"{line}, skipped {self.skipped} the receiver would refuse" if self.skipped else line
 
 
 def event_list_params(since: datetime, until: datetime | None) -> dict[str, Any]:
@@ -74,31 +77,47 @@ async def event_pages(
         page = await page.next_page_async()
 
 
-def _queueable(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Events that pass the receiver's own checks (envelope, handled type)."""
-    good: list[dict[str, Any]] = []
+@dataclass(frozen=True, slots=True)
+class ListedEvent:
+    event: dict[str, Any]
+    body: bytes  # what is queued: the event's JSON, as a webhook would carry it
+
+
+def _queueable(events: list[dict[str, Any]], livemode: bool | None) -> list[ListedEvent]:
+    """The events the receiver itself would queue: a valid envelope of a handled type, in the
+    configured mode (a test-mode key must not feed test events into a live ledger)."""
+    good: list[ListedEvent] = []
     for event in events:
+        body = json.dumps(event, separators=(",", ":")).encode()
         try:
-            check_envelope(event)
-        except NotAnEvent:
+            parse_event(body, livemode)
+        except WebhookRejected:
             continue
         if event["type"] in HANDLED_TYPES:
-            good.append(event)
+            good.append(ListedEvent(event, body))
     return good
 
 
-async def _queue(publisher: broker.Publisher, event: dict[str, Any]) -> None:
-    body = json.dumps(event, separators=(",", ":")).encode()
-    await publisher.publish_event(broker.event_message(body, event["id"], event["type"], event["created"]))
+async def _queue(publisher: broker.Publisher, listed: ListedEvent) -> None:
+    event = listed.event
+    await publisher.publish_event(
+        broker.event_message(listed.body, event["id"], event["type"], event["created"])
+    )
 
 
 async def _queue_page(
-    con: asyncpg.Connection, publisher: broker.Publisher, events: list[dict[str, Any]], counts: BackfillCounts
+    con: asyncpg.Connection,
+    publisher: broker.Publisher,
+    page: list[dict[str, Any]],
+    livemode: bool | None,
+    counts: BackfillCounts,
 ) -> None:
-    known = {r["event_id"] for r in await con.fetch(_KNOWN_SQL, [e["id"] for e in events])}
-    fresh = [e for e in events if e["id"] not in known]
-    await asyncio.gather(*(_queue(publisher, event) for event in fresh))
-    counts.seen += len(events)
+    events = _queueable(page, livemode)
+    known = {r["event_id"] for r in await con.fetch(_KNOWN_SQL, [e.event["id"] for e in events])}
+    fresh = [e for e in events if e.event["id"] not in known]
+    await asyncio.gather(*(_queue(publisher, listed) for listed in fresh))
+    counts.seen += len(page)
+    counts.skipped += len(page) - len(events)
     counts.already_known += len(events) - len(fresh)
     counts.queued += len(fresh)
 
@@ -110,8 +129,8 @@ async def _run(settings: Settings, api_key: str, params: dict[str, Any], counts:
         con = await asyncpg.connect(settings.database_url)
         try:
             async with publisher_session(settings) as publisher:
-                async for events in event_pages(client, params):
-                    await _queue_page(con, publisher, _queueable(events), counts)
+                async for page in event_pages(client, params):
+                    await _queue_page(con, publisher, page, settings.livemode, counts)
         finally:
             await con.close()
 

@@ -1,0 +1,488 @@
+"""Reconciliation benchmark: how fast one `recon worker` drains a full queue into the ledger.
+
+Creates its own database (migrated) and RabbitMQ vhost and drops both at the end. Seeds the host
+app's orders and payments, fills the work queue with a shuffled mix of refund, reversal and
+dispute events (10% duplicate deliveries, built by tests/event_stream.py from Stripe's fixtures)
+published with confirms, then starts one `recon worker` subprocess and polls until every event
+has a final outcome and the queue is empty. Reports events/s and the p99 reconcile latency
+(the worker's recon_reconcile_seconds histogram: delivery to commit).
+
+Then pgbench (TPC-B-like, scale 10, 8 clients, 2 threads, 20 s) on the same server, in its own
+database, and the ratio of our events/s to its tps.
+
+The end-to-end mode sends signed webhooks to `recon run` at a fixed rate (open loop, from a
+separate process) and reports the lag from each POST to its ledger row (booked_at − send time).
+
+    .venv/bin/python bench/reconcile.py                       # full: 20,000 events + pgbench + e2e
+    .venv/bin/python bench/reconcile.py --events 2000 --pgbench-s 5 --e2e-events 1500
+    .venv/bin/python bench/reconcile.py --skip-e2e --skip-pgbench
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import event_stream  # noqa: E402
+from tests.stripe_events import encode, sign  # noqa: E402
+from worker import broker, migrate  # noqa: E402
+from worker.settings import Settings  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("RECON_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+AMQP_BASE = os.environ.get("RECON_BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672/")
+EVENTS_PER_CHARGE = 2.9  # what tests/event_stream.py produces on average, duplicates included
+PUBLISH_IN_FLIGHT = 500
+LOG_LEVEL = "info"  # production's default: one JSON line per event is part of the cost
+
+
+# ------------------------------------------------------------------------------ environment
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass
+class Isolated:
+    """A database and a vhost of this run's own."""
+
+    name: str
+
+    @property
+    def database_url(self) -> str:
+        return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + self.name
+
+    @property
+    def amqp_url(self) -> str:
+        return AMQP_BASE + quote(self.name, safe="")
+
+    async def create(self) -> None:
+        await migrate.create_database(self.database_url)
+        await migrate.apply_migrations(self.database_url)
+        _rabbitmqctl("add_vhost", self.name)
+        _rabbitmqctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
+
+    async def drop(self) -> None:
+        with contextlib.suppress(Exception):
+            _rabbitmqctl("delete_vhost", self.name)
+        con = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await con.execute(f'drop database if exists "{self.name}" with (force)')
+        finally:
+            await con.close()
+
+
+def _settings(env: Isolated) -> Settings:
+    return Settings(database_url=env.database_url, amqp_url=env.amqp_url)
+
+
+def _process_env(env: Isolated, **extra: str) -> dict[str, str]:
+    values = {
+        **os.environ,
+        "DATABASE_URL": env.database_url,
+        "AMQP_URL": env.amqp_url,
+        "LOG_LEVEL": LOG_LEVEL,
+        "LOG_FORMAT": "json",
+    }
+    values.pop("STRIPE_API_KEY", None)
+    values.update(extra)
+    return values
+
+
+def _spawn(command: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", command],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(10)
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+async def _scalar(database_url: str, sql: str, *args: Any) -> Any:
+    con = await asyncpg.connect(database_url)
+    try:
+        return await con.fetchval(sql, *args)
+    finally:
+        await con.close()
+
+
+async def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(f"process exited with {process.returncode} before it was ready")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise SystemExit("not ready in time")
+
+
+async def _metrics(port: int) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        return await response.text()
+
+
+def histogram_quantile(metrics_text: str, name: str, q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram, interpolated linearly inside its bucket."""
+    buckets = [
+        (float(le), float(count))
+        for le, count in re.findall(rf'^{name}_bucket{{le="([^"]+)"}} (\S+)$', metrics_text, re.M)
+    ]
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower_bound
+            share = (rank - lower_count) / (count - lower_count) if count > lower_count else 1.0
+            return lower_bound + share * (bound - lower_bound)
+        lower_bound, lower_count = bound, count
+    return None
+
+
+# ------------------------------------------------------------------------- drain benchmark
+
+
+async def fill_queue(env: Isolated, events: list[dict[str, Any]]) -> float:
+    """Publish every event with confirms, many in flight; returns the publish rate."""
+    settings = _settings(env)
+    connection = await broker.connect(env.amqp_url)
+    try:
+        await broker.declare_topology(connection, settings)
+        publisher = broker.Publisher(await broker.open_confirm_channel(connection))
+        started = time.perf_counter()
+        for start in range(0, len(events), PUBLISH_IN_FLIGHT):
+            chunk = events[start : start + PUBLISH_IN_FLIGHT]
+            await asyncio.gather(
+                *(
+                    publisher.publish_event(broker.event_message(encode(e), e["id"], e["type"], e["created"]))
+                    for e in chunk
+                )
+            )
+        return len(events) / (time.perf_counter() - started)
+    finally:
+        await connection.close()
+
+
+async def _poll(probe: Any, interval_s: float, timeout_s: float = 900.0) -> None:
+    """Poll until ``probe()`` is true; a benchmark that stalls fails instead of hanging."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await probe():
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"stalled: nothing finished in {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def _settled(database_url: str, distinct: int) -> bool:
+    done = await _scalar(database_url, "select count(*) from recon.event_inbox where outcome <> 'retrying'")
+    return bool(done == distinct)
+
+
+async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profile: bool) -> dict[str, Any]:
+    published_per_s = await fill_queue(env, stream.events)
+    port = _free_port()
+    worker = _spawn("worker", _process_env(env, RECON_WORKER_HTTP_PORT=str(port)), workdir / "worker.log")
+    spy = _py_spy(worker.pid, workdir) if profile else None
+    try:
+        await _wait_ready(port, worker)
+        first = await _first_progress(env.database_url)
+        await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.05)
+        finished = time.perf_counter()
+        metrics_text = await _metrics(port)
+    finally:
+        code = _stop(worker)
+        if spy is not None:
+            spy.wait(30)
+    seconds = finished - first
+    p99 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.99)
+    p50 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.50)
+    return {
+        "messages": len(stream.events),
+        "distinct_events": len(stream.event_ids),
+        "published_per_s": round(published_per_s),
+        "seconds": round(seconds, 2),
+        "events_per_s": round(len(stream.events) / seconds),
+        "reconcile_p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
+        "reconcile_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        "worker_exit": code,
+    }
+
+
+async def _first_progress(database_url: str) -> float:
+    """The moment the first event reached the inbox: the clock starts with the work, not the boot."""
+    await _poll(lambda: _scalar(database_url, "select exists (select 1 from recon.event_inbox)"), 0.01)
+    return time.perf_counter()
+
+
+def _py_spy(pid: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """Collapsed stacks (flamegraph.pl / speedscope input) of the worker while it drains."""
+    out = workdir / "worker-profile.txt"
+    spy = ROOT / ".venv" / "bin" / "py-spy"
+    command = [str(spy), "record", "-p", str(pid), "-o", str(out), "--format", "raw", "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# ------------------------------------------------------------------------------- pgbench
+
+
+def pgbench(seconds: int, scale: int = 10, clients: int = 8, threads: int = 2) -> float:
+    name = f"recon_pgbench_{os.getpid()}"
+    admin = PG_ADMIN_URL.rsplit("/", 1)[0]
+    url = f"{admin}/{name}"
+    subprocess.run(["psql", PG_ADMIN_URL, "-qc", f'drop database if exists "{name}"'], check=True)
+    subprocess.run(["psql", PG_ADMIN_URL, "-qc", f'create database "{name}"'], check=True)
+    try:
+        subprocess.run(["pgbench", "-i", "-q", "-s", str(scale), url], check=True, capture_output=True)
+        run = subprocess.run(
+            ["pgbench", "-c", str(clients), "-j", str(threads), "-T", str(seconds), url],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        subprocess.run(
+            ["psql", PG_ADMIN_URL, "-qc", f'drop database if exists "{name}" with (force)'], check=True
+        )
+    match = re.search(r"tps = ([\d.]+) \(without initial connection time\)", run.stdout)
+    if match is None:
+        raise SystemExit(f"cannot read pgbench's tps from:\n{run.stdout}")
+    return float(match.group(1))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _send_open_loop(
+    base_url: str, bodies: list[tuple[str, bytes]], secret: str, rate: float, out: Path
+) -> None:
+    """In its own process: POST each body at its scheduled time (open loop), record send times."""
+
+    async def run() -> dict[str, Any]:
+        sent: dict[str, float] = {}
+        statuses: dict[int, int] = {}
+        connector = aiohttp.TCPConnector(limit=400)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            start = time.time() + 0.5
+            tasks = []
+            for i, (event_id, body) in enumerate(bodies):
+                delay = start + i / rate - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(
+                    asyncio.create_task(_post(http, base_url, event_id, body, secret, sent, statuses))
+                )
+            await asyncio.gather(*tasks)
+        return {"sent": sent, "statuses": statuses, "late_s": time.time() - start}
+
+    out.write_text(json.dumps(asyncio.run(run())))
+
+
+async def _post(
+    http: aiohttp.ClientSession,
+    base_url: str,
+    event_id: str,
+    body: bytes,
+    secret: str,
+    sent: dict[str, float],
+    statuses: dict[int, int],
+) -> None:
+    sent[event_id] = time.time()
+    headers = {"Stripe-Signature": sign(body, secret), "Content-Type": "application/json"}
+    for _ in range(5):  # a 503 means "retry", as Stripe would
+        async with http.post(f"{base_url}/webhooks/stripe", data=body, headers=headers) as response:
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+            if response.status == 200:
+                return
+        await asyncio.sleep(0.5)
+
+
+async def end_to_end(
+    env: Isolated, stream: event_stream.Stream, rate: float, workdir: Path
+) -> dict[str, Any]:
+    secret = "whsec_" + secrets.token_hex(16)
+    http_port, worker_port = _free_port(), _free_port()
+    process_env = _process_env(
+        env,
+        STRIPE_WEBHOOK_SECRETS=secret,
+        RECON_HTTP_PORT=str(http_port),
+        RECON_WORKER_HTTP_PORT=str(worker_port),
+    )
+    settings = _settings(env)
+    connection = await broker.connect(env.amqp_url)
+    await broker.declare_topology(connection, settings)
+    await connection.close()
+    app = _spawn("run", process_env, workdir / "run.log")
+    try:
+        await _wait_ready(http_port, app)
+        bodies = [(e["id"], encode(e)) for e in stream.events]
+        out = workdir / "sent.json"
+        sender = multiprocessing.get_context("spawn").Process(
+            target=_send_open_loop, args=(f"http://127.0.0.1:{http_port}", bodies, secret, rate, out)
+        )
+        sender.start()
+        await asyncio.to_thread(sender.join)
+        await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.1)
+    finally:
+        code = _stop(app)
+    report = json.loads(out.read_text())
+    lags = await _ledger_lags(env.database_url, report["sent"])
+    return {
+        "posts": len(bodies),
+        "rate_per_s": rate,
+        "statuses": report["statuses"],
+        "ledger_rows": len(lags),
+        "lag_p50_ms": round(_quantile(lags, 0.50) * 1000, 1),
+        "lag_p99_ms": round(_quantile(lags, 0.99) * 1000, 1),
+        "lag_max_ms": round(max(lags) * 1000, 1),
+        "run_exit": code,
+    }
+
+
+async def _ledger_lags(database_url: str, sent: dict[str, float]) -> list[float]:
+    con = await asyncpg.connect(database_url)
+    try:
+        rows = await con.fetch(
+            "select stripe_event_id, extract(epoch from booked_at)::float8 as t from finance.ledger"
+        )
+    finally:
+        await con.close()
+    return sorted(row["t"] - sent[row["stripe_event_id"]] for row in rows if row["stripe_event_id"] in sent)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def _stream(events: int, tag: str) -> event_stream.Stream:
+    """At least ``events`` messages (a little over is trimmed from the shuffled stream)."""
+    built = event_stream.build(max(1, round(events / EVENTS_PER_CHARGE * 1.05)), tag=tag)
+    return event_stream.Stream(built.payments, built.events[:events])
+
+
+async def _prepared(tag: str, events: int) -> tuple[Isolated, event_stream.Stream]:
+    env = Isolated(f"recon_bench_{tag}_{uuid.uuid4().hex[:8]}")
+    await env.create()
+    stream = _stream(events, tag)
+    con = await asyncpg.connect(env.database_url)
+    try:
+        await event_stream.seed(con, stream.payments)
+    finally:
+        await con.close()
+    return env, stream
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = ROOT / "bench" / "results" / f"reconcile-{time.strftime('%Y%m%dT%H%M%S')}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": _machine(), "workdir": str(workdir.relative_to(ROOT))}
+    env, stream = await _prepared("drain", args.events)
+    try:
+        results["drain"] = await drain(env, stream, workdir, args.profile)
+    finally:
+        await env.drop()
+    _print(results)
+    if not args.skip_pgbench:
+        results["pgbench_tps"] = round(await asyncio.to_thread(pgbench, args.pgbench_s))
+        results["events_per_s_over_pgbench_tps"] = round(
+            results["drain"]["events_per_s"] / results["pgbench_tps"], 2
+        )
+        _print(results)
+    if not args.skip_e2e:
+        env, stream = await _prepared("e2e", args.e2e_events)
+        try:
+            results["end_to_end"] = await end_to_end(env, stream, args.rate, workdir)
+        finally:
+            await env.drop()
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        "unknown",
+    )
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": sys.version.split()[0]}
+
+
+def _print(results: dict[str, Any]) -> None:
+    print(json.dumps(results, indent=2), flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000, help="messages in the queue for the drain")
+    parser.add_argument("--e2e-events", type=int, default=20_000, help="webhooks for the end-to-end run")
+    parser.add_argument("--rate", type=float, default=1500.0, help="end-to-end POSTs per second (open loop)")
+    parser.add_argument("--pgbench-s", type=int, default=20, help="pgbench duration")
+    parser.add_argument("--skip-pgbench", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="py-spy the worker during the drain")
+    parser.add_argument(
+        "--log-level", default="info", help="the processes' LOG_LEVEL (info: a line per event)"
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    LOG_LEVEL = arguments.log_level
+    final = asyncio.run(main(arguments))
+    _print(final)

@@ -389,11 +389,14 @@ async def test_one_log_line_per_request_without_secrets_or_emails(
     with structlog.testing.capture_logs() as logs:
         await post_event(http, receiver, body, signature=header)
         await post_event(http, receiver, body, signature=f"t={int(time.time())},v1={TEST_SECRET}")
+        await post_event(http, receiver, fixture("event") | {"created": int(time.time())})
     lines = [entry for entry in logs if entry["event"] == "webhook"]
     assert [(e["outcome"], e["status"], e["reason"]) for e in lines] == [
         ("queued", 200, None),
         ("rejected", 400, "invalid_signature"),
+        ("ignored", 200, None),
     ]
+    assert lines[2]["event_type"] == "plan.created"
     assert lines[0]["event_id"] == event["id"] and lines[0]["event_type"] == "charge.refunded"
     assert all(isinstance(e["latency_ms"], float) for e in lines)
     logged = repr(logs)

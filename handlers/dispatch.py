@@ -65,7 +65,10 @@ def refund_fetch_needed(event: dict[str, Any]) -> str | None:
     """
     if event.get("type") != "charge.refunded":
         return None
-    charge = event["data"]["object"]
+    data = event.get("data")
+    charge = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(charge, dict):
+        return None  # not an event apply_event can take either: it fails there, and is kept
     charge_id = stripe_id(charge.get("id"))
     refunds = embedded_refunds(charge)
     if refunds is None or not embedded_list_complete(charge):

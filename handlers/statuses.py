@@ -132,6 +132,16 @@ def plan(applied: AppliedEvent, before: Payment, after: Payment) -> StatusWrite:
     return StatusWrite(True, order_status, invoice_status, tuple(details))
 
 
+def _payment_params(p: Payment | None) -> tuple[Any, ...]:
+    """$1-$10 of _FINISH: the payment's worker fields (all null when no payment matched)."""
+    if p is None:
+        return (None,) * 10
+    return (
+        p.id, p.status, p.amount_captured, p.amount_refunded, p.charge_booked, p.disputed,
+        p.stripe_charge_id, p.snapshot_created, p.snapshot_rank, p.snapshot_event_id,
+    )
+
+
 async def finish(
     con: asyncpg.Connection,
     applied: AppliedEvent,
@@ -140,27 +150,17 @@ async def finish(
     write: StatusWrite = NO_WRITE,
 ) -> None:
     """Write the payment's changes (if any) and the event's inbox outcome."""
-    p = payment
     await con.execute(
         _FINISH,
-        p.id if p else None,
-        p.status if p else None,
-        p.amount_captured if p else None,
-        p.amount_refunded if p else None,
-        p.charge_booked if p else None,
-        p.disputed if p else None,
-        p.stripe_charge_id if p else None,
-        p.snapshot_created if p else None,
-        p.snapshot_rank if p else None,
-        p.snapshot_event_id if p else None,
+        *_payment_params(payment),
         write.order_status,
-        p.disputed if p else None,
-        p.order_id if p else None,
+        payment.disputed if payment is not None else None,
+        payment.order_id if payment is not None else None,
         write.invoice_status,
-        p.invoice_id if p else None,
+        payment.invoice_id if payment is not None else None,
         applied.event_id,
         applied.object_id,
         list(write.audit_details),
-        write.changed and p is not None,
+        write.changed and payment is not None,
         outcome,
     )

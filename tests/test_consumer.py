@@ -338,3 +338,43 @@ async def _is_none(check: Any) -> bool:
 
 async def _equals(check: Any, expected: str) -> bool:
     return bool(await check == expected)
+
+
+async def test_database_outage_defers_events_without_counting_failures(
+    settings: Settings, amqp_url: str, fake: FakeRules, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While PostgreSQL is unreachable a batch retries for DB_RETRY_FOR_S, then its events go to a
+    wait queue as 'database_unavailable' — not as failures: an outage longer than RECON_MAX_ATTEMPTS
+    deferrals dead-letters nothing, and the event applies once the database is back."""
+    from prometheus_client import REGISTRY
+
+    from tests.tcp_proxy import TcpProxy
+    from worker import runner
+
+    monkeypatch.setattr(runner, "DB_RETRY_FOR_S", 0.3)
+    labels = {"type": "charge.refunded", "reason": "database_unavailable"}
+
+    async def deferrals() -> float:
+        return REGISTRY.get_sample_value("recon_events_retried_total", labels) or 0.0
+
+    before = await deferrals()
+    proxy = TcpProxy("127.0.0.1", 5432)
+    await proxy.start()
+    db = settings.database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    proxied = dataclasses.replace(settings, database_url=db)
+    try:
+        async with feeder(amqp_url, settings) as feed, consumer_running(proxied, fake.rules()):
+            await proxy.cut()
+            await feed.event(event("evt_outage"))
+            outage_long = before + settings.max_attempts + 1
+
+            async def deferred_enough() -> bool:
+                return await deferrals() >= outage_long
+
+            await wait_until(deferred_enough, what="repeated deferrals during the outage")
+            await proxy.restore()
+            await wait_until(lambda: applied(settings), what="applied after the outage")
+    finally:
+        await proxy.close()
+    assert (await applied(settings))["evt_outage"] > settings.max_attempts
+    assert await dead(settings) == []

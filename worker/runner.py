@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import aio_pika
 import asyncpg
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -70,10 +71,14 @@ _TRANSIENT_DB_ERRORS = (
 
 def is_transient_db_error(exc: BaseException) -> bool:
     """Errors that say nothing about the event: the same batch may well succeed on a retry."""
-    if isinstance(exc, _TRANSIENT_DB_ERRORS):
+    if isinstance(exc, (*_TRANSIENT_DB_ERRORS, NoConnection)):
         return True
     # asyncpg raises InterfaceError for a connection that died under it.
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
+class NoConnection(Exception):
+    """The pool could not hand out a connection (server down, refused, misconfigured)."""
 
 
 class DatabaseUnavailable(Exception):
@@ -110,6 +115,9 @@ class BatchRunner:
 
     async def run(self, batch: Sequence[Inbound]) -> None:
         """Never raises (but for cancellation): a bug here requeues the batch instead of losing it."""
+        batch = [item for item in batch if delivered_on_open_channel(item)]
+        if not batch:
+            return
         try:
             planned = await self._plan(batch)
             await self._apply(planned)
@@ -221,9 +229,18 @@ class BatchRunner:
 
     async def _transaction(self, todo: list[Planned]) -> list[Verdict]:
         found: list[Verdict] = []
-        async with self._pool.acquire() as con, con.transaction():
-            for entry in todo:
-                found.append(await self._apply_one(con, entry))
+        started = time.monotonic()
+        try:
+            con = await self._pool.acquire()
+        except Exception as exc:  # no connection is never an event's fault, whatever the error
+            raise NoConnection(verdicts.one_line(exc)) from exc
+        try:
+            async with con.transaction():
+                for entry in todo:
+                    found.append(await self._apply_one(con, entry))
+        finally:
+            await self._pool.release(con)
+        log.debug("batch_committed", size=len(todo), ms=round((time.monotonic() - started) * 1000, 1))
         return found
 
     async def _apply_one(self, con: asyncpg.Connection, entry: Planned) -> Verdict:
@@ -255,6 +272,16 @@ class BatchRunner:
             verdicts.record(entry.item, entry.verdict, committed_at if entry.committed else None)
         if publishes:
             await asyncio.gather(*publishes)
+
+
+def delivered_on_open_channel(item: Inbound) -> bool:
+    """A message whose channel died (broker restart, connection cut) cannot be acked any more and
+    the broker redelivers it: applying it now would only add a duplicate and a stray retry copy."""
+    try:
+        item.message.channel  # noqa: B018 - the property raises once the channel is closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return False
+    return True
 
 
 def verdict_for(result: Result) -> Verdict:

@@ -176,3 +176,14 @@ async def test_dispute_in_another_currency_books_nothing(con: asyncpg.Connection
     assert result.outcome == "mismatch"
     assert await _dispute_rows(con) == []
     assert await con.fetchval("select count(*) from recon.disputes") == 0
+
+
+async def test_full_tie_keeps_the_stored_dispute_status(con: asyncpg.Connection) -> None:
+    """Same second and same rank (won vs lost): the status stored first is kept; outcome too."""
+    won = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1", status="won")
+    lost = {**won, "status": "lost"}
+    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", won, created=b.T0 + 4)))
+    result = await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", lost, created=b.T0 + 4)))
+    assert result.outcome == "stale"
+    row = await con.fetchrow("select status, outcome from recon.disputes")
+    assert row is not None and (row["status"], row["outcome"]) == ("won", "won")

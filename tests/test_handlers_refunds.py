@@ -302,3 +302,27 @@ class TestRefundFetchNeeded:
         charge = b.charge(charge_id="ch_1", captured=False, refunds=[release])
         event = b.charge_event("charge.refunded", charge, api_version=b.OLD_API_VERSION)
         assert refund_fetch_needed(event) is None
+
+
+async def test_every_change_writes_an_audit_row(con: asyncpg.Connection) -> None:
+    """Rule 9: a first refund on a host payment audits the refund's status, the booking, and the
+    payment's and order's status moves; its failure audits the status and the reversal."""
+    refund = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
+    created = b.refund_event("refund.created", refund)
+    await h.apply(con, b.delivery(created))
+    rows = await con.fetch(
+        "select action, detail->>'object' as obj from recon.audit_log where stripe_event_id = $1 "
+        "order by id",
+        created["id"],
+    )
+    assert [(r["action"], r["obj"]) for r in rows] == [
+        ("status_changed", "refund"),
+        ("stripe_refund_recorded", None),
+        ("status_changed", "payment"),
+        ("status_changed", "order"),
+    ]
+    failed = b.refund_event("refund.failed", {**refund, "status": "failed"}, created=b.T0 + 1)
+    await h.apply(con, b.delivery(failed))
+    assert await h.audit_actions(con, failed["id"]) == [
+        "status_changed", "stripe_refund_reversed", "status_changed", "status_changed",
+    ]

@@ -252,6 +252,37 @@ async def test_rule2_one_refund_row_whichever_events_report_it_and_redelivery_is
     assert (await balance(settings, "ch_rule2"))["amount_refunded"] == 250
 
 
+async def test_rule2_an_event_waiting_for_a_retry_is_not_applied_yet(settings: Settings) -> None:
+    """Rule 2 "an event waiting to be retried is not applied yet": Stripe re-sends a refund event
+    while the worker is still waiting for its charge; the re-sent copy is not a 'duplicate' of an
+    application that never happened, and once the charge shows up the refund is booked once."""
+    async with db(settings) as con:
+        await host.add_order(con, "ORD-2R")
+    early = b.refund_event(
+        "refund.created", b.refund(charge_id="ch_rule2r", amount=150, refund_id="re_rule2r")
+    )
+    charge = b.charge_event("charge.succeeded", paid_charge("ch_rule2r", metadata={"order_number": "ORD-2R"}))
+    with structlog.testing.capture_logs() as logs:
+        async with recon(settings) as stripe:
+            await stripe.post(early)
+            await wait_until(lambda: _retrying(settings, early), what="the refund to wait for its charge")
+            await stripe.post(early)
+            await stripe.post(charge)
+            await stripe.settled(early, charge)
+
+            async def both_copies_handled() -> list[str]:
+                handled = [e["outcome"] for e in logs if e.get("event_id") == early["id"] and "outcome" in e]
+                return handled if handled.count("retrying") < len(handled) - 1 else []
+
+            handled = await wait_until(both_copies_handled, what="both copies to be handled")
+    assert await outcome(settings, early) == "applied"
+    # Nothing is a duplicate of an application that had not happened yet.
+    assert "applied" in handled and handled.index("applied") < (handled + ["duplicate"]).index("duplicate")
+    assert await ledger(settings, "ch_rule2r") == Counter(
+        {("charge", 1000, "usd", "ch_rule2r"): 1, ("refund", -150, "usd", "re_rule2r"): 1}
+    )
+
+
 # --- rule 3 -------------------------------------------------------------------------------------
 
 
@@ -432,6 +463,36 @@ async def test_rule4_a_refund_known_failed_is_not_booked_by_an_older_event(setti
         )
     assert await ledger(settings, "ch_rule4f") == Counter({("charge", 1000, "usd", "ch_rule4f"): 1})
     assert await one(settings, "select status from recon.orders where number = 'ORD-4F'") == "paid"
+
+
+async def test_rule4_requires_action_moves_no_money_until_it_goes_through(settings: Settings) -> None:
+    """Rule 4 "(requires_action has moved no money yet)": a refund waiting on the customer books
+    nothing; when it goes through it is booked; one canceled while waiting never books anything."""
+    async with db(settings) as con:
+        await host.add_order_with_payment(con, "ORD-4RA", "ch_rule4ra", amount=3000)
+    waiting = b.refund(
+        charge_id="ch_rule4ra", amount=800, refund_id="re_rule4ra", status="requires_action", created=T + 1
+    )
+    dropped = b.refund(
+        charge_id="ch_rule4ra", amount=500, refund_id="re_rule4rb", status="requires_action", created=T + 1
+    )
+    async with recon(settings) as stripe:
+        await stripe.deliver(
+            b.refund_event("refund.created", waiting, created=T + 1),
+            b.refund_event("refund.created", dropped, created=T + 1),
+        )
+        assert await ledger(settings, "ch_rule4ra") == Counter({("charge", 3000, "usd", "ch_rule4ra"): 1})
+        await stripe.deliver(
+            b.refund_event("refund.updated", dict(waiting, status="succeeded"), created=T + 4),
+            b.refund_event("refund.updated", dict(dropped, status="canceled"), created=T + 4),
+        )
+    assert await ledger(settings, "ch_rule4ra") == Counter(
+        {("charge", 3000, "usd", "ch_rule4ra"): 1, ("refund", -800, "usd", "re_rule4ra"): 1}
+    )
+    assert (
+        await one(settings, "select status from recon.orders where number = 'ORD-4RA'")
+        == "partially_refunded"
+    )
 
 
 async def test_rule4_releases_book_nothing(settings: Settings) -> None:

@@ -169,10 +169,11 @@ async def _apply_carried_refunds(
 ) -> None:
     for refund in embedded_refunds(applied.obj) or []:
         await apply_refund(con, applied, payment, refund, applied.created)
-    # Fetched refunds are the API's state at fetch time, which is newer than any event delivered
-    # so far: they are ordered by when we applied them, not by the event that asked for them.
+    # Fetched refunds are ordered as a snapshot taken at the charge.refunded's created, not at
+    # our fetch time: our clock and Stripe's need not agree, and a failure Stripe reports later
+    # must still be able to move a refund that a fetch saw live. They are at least that fresh.
     for refund in applied.delivery.fetched_refunds or []:
-        await apply_refund(con, applied, payment, refund, applied.now)
+        await apply_refund(con, applied, payment, refund, applied.created)
 
 
 async def _judge_checkpoint(

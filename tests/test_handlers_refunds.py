@@ -326,3 +326,15 @@ async def test_every_change_writes_an_audit_row(con: asyncpg.Connection) -> None
     assert await h.audit_actions(con, failed["id"]) == [
         "status_changed", "stripe_refund_reversed", "status_changed", "status_changed",
     ]
+
+
+async def test_fetched_refund_is_still_moved_by_a_later_failure_event(con: asyncpg.Connection) -> None:
+    """Fetched refunds count as a snapshot at the charge.refunded's created, not at our clock: a
+    refund.failed Stripe created after that event still reverses the refund the fetch booked."""
+    pending = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
+    event = b.charge_event("charge.refunded", b.charge(charge_id="ch_1", refunds=[pending]),
+                           created=b.T0 + 10)
+    await h.apply(con, b.delivery(event, fetched_refunds=[pending]))
+    failed = b.refund_event("refund.failed", {**pending, "status": "failed"}, created=b.T0 + 20)
+    await h.apply(con, b.delivery(failed))
+    assert await _refund_rows(con) == [("refund", -300), ("refund_reversal", 300)]

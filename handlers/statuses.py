@@ -23,7 +23,8 @@ _INVOICE_STATUS = {"paid": "paid", "partially_refunded": "partially_refunded", "
 
 # The last statement of every event, in one round trip: the worker's payment fields (when $19 says
 # they changed), the order's or invoice's status and disputed flag (a rejected order keeps its
-# status), the status_changed audit rows, and the event's inbox outcome — processed_at set when it
+# status; the row is written only when one of them moves, so an order shared by payments in
+# different worker lanes is locked as rarely as possible), the status_changed audit rows, and the event's inbox outcome — processed_at set when it
 # is final, null while retrying. A final outcome also resolves the event's open dead_lettered
 # exception: the event was replayed and has now applied.
 _FINISH = """
@@ -39,11 +40,14 @@ with payment as (
     set status = case when status = 'rejected' then status else coalesce($11, status) end,
         disputed = $12
     where id = $13 and $19::boolean
+      and (coalesce($11, status) is distinct from status or disputed is distinct from $12)
     returning id
 ), invoice_row as (
     update recon.invoices
     set payment_link_status = coalesce($14, payment_link_status), disputed = $12
     where id = $15 and $19::boolean
+      and (coalesce($14, payment_link_status) is distinct from payment_link_status
+           or disputed is distinct from $12)
     returning id
 ), audited as (
     insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)

@@ -110,7 +110,8 @@ async def test_poison_event_counts_failures_then_is_dead_lettered(
         ("evt_poison", 3, "KeyError: 'amount_refunded'")
     ]
     assert await applied(settings) == {"evt_good": 1}  # the poison's own insert never committed
-    assert [attempt for event_id, attempt in fake.calls if event_id == "evt_poison"] == [1, 2, 3]
+    # An attempt may run twice: first in the savepoint-free batch, then alone in its savepoint.
+    assert sorted({attempt for event_id, attempt in fake.calls if event_id == "evt_poison"}) == [1, 2, 3]
 
 
 async def test_body_that_is_not_json_goes_straight_to_dead_letters(

@@ -1,8 +1,9 @@
-"""The runner: a batch of messages into one transaction, one savepoint per event, then the verdicts.
+"""The runner: a batch of messages into one transaction, each event isolated on failure, then verdicts.
 
 Why a batch: the commit (a WAL flush) is the cost that dominates a small event, so N events share
-one. Why a savepoint per event: a failing event rolls back alone and is retried or dead-lettered
-alone; the others commit. Transient database trouble (deadlock, serialization, a lost connection)
+one. A failing event rolls back alone and is retried or dead-lettered alone; the others commit —
+by a savepoint per event, taken only when a batch has actually met a failing event (see
+``_apply_retrying``). Transient database trouble (deadlock, serialization, a lost connection)
 retries the whole batch — safe because nothing of it was committed, and every handler is safe to
 run twice anyway.
 """
@@ -75,6 +76,14 @@ def is_transient_db_error(exc: BaseException) -> bool:
         return True
     # asyncpg raises InterfaceError for a connection that died under it.
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
+
+
+class EventFailed(Exception):
+    """An event raised outside a savepoint: its batch's transaction must roll back."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(verdicts.one_line(error))
+        self.error = error
 
 
 class NoConnection(Exception):
@@ -210,6 +219,25 @@ class BatchRunner:
             await self._apply([entry])
 
     async def _apply_retrying(self, todo: list[Planned]) -> None:
+        """Savepoints only when needed: each costs two round trips, a third of an event's statements.
+
+        The batch first runs without them; if an event raises, the whole transaction rolls back
+        and the batch runs again with a savepoint per event, so the culprit fails alone and the
+        others commit — the same outcome as savepoints throughout, paid for only on failure.
+        """
+        try:
+            found = await self._transaction_retrying(todo, isolate=False)
+        except EventFailed as failed:
+            if len(todo) > 1:
+                found = await self._transaction_retrying(todo, isolate=True)
+            else:  # alone, the rollback was its savepoint: nothing of it committed
+                todo[0].verdict = verdicts.failed(todo[0].item, failed.error, self._settings)
+                return
+        for entry, verdict in zip(todo, found, strict=True):
+            entry.verdict = verdict
+            entry.committed = True
+
+    async def _transaction_retrying(self, todo: list[Planned], *, isolate: bool) -> list[Verdict]:
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(is_transient_db_error),
@@ -218,16 +246,14 @@ class BatchRunner:
                 reraise=True,
             ):
                 with attempt:
-                    found = await self._transaction(todo)
+                    return await self._transaction(todo, isolate)
         except Exception as exc:
             if is_transient_db_error(exc):
                 raise DatabaseUnavailable(verdicts.one_line(exc)) from exc
             raise
-        for entry, verdict in zip(todo, found, strict=True):
-            entry.verdict = verdict
-            entry.committed = True
+        raise AssertionError("unreachable: tenacity either returned or re-raised")
 
-    async def _transaction(self, todo: list[Planned]) -> list[Verdict]:
+    async def _transaction(self, todo: list[Planned], isolate: bool) -> list[Verdict]:
         found: list[Verdict] = []
         started = time.monotonic()
         try:
@@ -237,13 +263,18 @@ class BatchRunner:
         try:
             async with con.transaction():
                 for entry in todo:
-                    found.append(await self._apply_one(con, entry))
+                    found.append(await self._apply_one(con, entry, isolate))
         finally:
             await self._pool.release(con)
-        log.debug("batch_committed", size=len(todo), ms=round((time.monotonic() - started) * 1000, 1))
+        log.debug(
+            "batch_committed",
+            size=len(todo),
+            savepoints=isolate,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
         return found
 
-    async def _apply_one(self, con: asyncpg.Connection, entry: Planned) -> Verdict:
+    async def _apply_one(self, con: asyncpg.Connection, entry: Planned, isolate: bool) -> Verdict:
         assert entry.delivery is not None
         item = entry.item
         try:
@@ -251,13 +282,18 @@ class BatchRunner:
             with structlog.contextvars.bound_contextvars(
                 event_id=item.event_id, event_type=item.event_type, attempt=item.attempt
             ):
-                async with con.transaction():  # a savepoint inside the batch transaction
+                if isolate:
+                    async with con.transaction():  # a savepoint inside the batch transaction
+                        result = await self._rules.apply_event(con, entry.delivery, self._policy)
+                else:
                     result = await self._rules.apply_event(con, entry.delivery, self._policy)
         except Exception as exc:
             if is_transient_db_error(exc) or con.is_closed():
                 raise
-            log.warning("event_failed", event_id=entry.item.event_id, exc_info=True)
-            return verdicts.failed(entry.item, exc, self._settings)
+            log.warning("event_failed", event_id=item.event_id, exc_info=True)
+            if not isolate:
+                raise EventFailed(exc) from exc  # roll the batch back; it reruns with savepoints
+            return verdicts.failed(item, exc, self._settings)
         return verdict_for(result)
 
     async def _settle(self, planned: list[Planned]) -> None:

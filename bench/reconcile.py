@@ -51,13 +51,26 @@ from worker import broker, migrate  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("RECON_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_SOCKET_DIR = "/var/run/postgresql"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 AMQP_BASE = os.environ.get("RECON_BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672/")
 EVENTS_PER_CHARGE = 2.9  # what tests/event_stream.py produces on average, duplicates included
 PUBLISH_IN_FLIGHT = 500
 LOG_LEVEL = "info"  # production's default: one JSON line per event is part of the cost
+CONCURRENCY = 400  # RECON_WORKER_CONCURRENCY for the measured worker (--concurrency)
 
 
 # ------------------------------------------------------------------------------ environment
+
+# --pg-socket: the worker and pgbench both reach PostgreSQL over its Unix socket instead of TCP.
+PG_OVER_SOCKET = False
+
+
+def db_url(name: str) -> str:
+    """The URL of database ``name`` for the measured clients (worker, pgbench): TCP by default."""
+    if PG_OVER_SOCKET:
+        return f"postgresql://postgres@/{name}?host={PG_SOCKET_DIR}"
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
 
 
 def _free_port() -> int:
@@ -78,7 +91,7 @@ class Isolated:
 
     @property
     def database_url(self) -> str:
-        return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + self.name
+        return db_url(self.name)
 
     @property
     def amqp_url(self) -> str:
@@ -230,13 +243,18 @@ async def _settled(database_url: str, distinct: int) -> bool:
 async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profile: bool) -> dict[str, Any]:
     published_per_s = await fill_queue(env, stream.events)
     port = _free_port()
-    worker = _spawn("worker", _process_env(env, RECON_WORKER_HTTP_PORT=str(port)), workdir / "worker.log")
+    worker_env = _process_env(
+        env, RECON_WORKER_HTTP_PORT=str(port), RECON_WORKER_CONCURRENCY=str(CONCURRENCY)
+    )
+    worker = _spawn("worker", worker_env, workdir / "worker.log")
     spy = _py_spy(worker.pid, workdir) if profile else None
     try:
         await _wait_ready(port, worker)
         first = await _first_progress(env.database_url)
+        cpu_before = cpu_snapshot(worker.pid)
         await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.05)
         finished = time.perf_counter()
+        cpu = cpu_delta(cpu_before, cpu_snapshot(worker.pid))
         metrics_text = await _metrics(port)
     finally:
         code = _stop(worker)
@@ -246,6 +264,7 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
     p99 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.99)
     p50 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.50)
     return {
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "messages": len(stream.events),
         "distinct_events": len(stream.event_ids),
         "published_per_s": round(published_per_s),
@@ -253,8 +272,42 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
         "events_per_s": round(len(stream.events) / seconds),
         "reconcile_p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
         "reconcile_p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        "cpu_us_per_event": {who: round(s * 1e6 / len(stream.events)) for who, s in cpu.items()},
+        "machine_busy_cores": round(cpu["machine"] / seconds, 2),
         "worker_exit": code,
     }
+
+
+def _ticks(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _pids(user: str, command: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-u", user, "-x", command], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+def cpu_snapshot(worker_pid: int) -> dict[str, float]:
+    """CPU seconds so far: the worker, RabbitMQ, every PostgreSQL process (other databases' too:
+    the server is shared), and the whole machine (busy time summed over cores)."""
+    machine = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = machine[3] + machine[4]
+    return {
+        "worker": _ticks(worker_pid),
+        "rabbitmq": sum(_ticks(pid) for pid in _pids("rabbitmq", "beam.smp")),
+        "postgres": sum(_ticks(pid) for pid in _pids("postgres", "postgres")),
+        "machine": (sum(machine) - idle) / CLK_TCK,
+    }
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    # PostgreSQL backends that exited in between took their CPU with them: that share is lost.
+    return {who: max(0.0, after[who] - before[who]) for who in after}
 
 
 async def _first_progress(database_url: str) -> float:
@@ -276,8 +329,7 @@ def _py_spy(pid: int, workdir: Path) -> subprocess.Popen[bytes]:
 
 def pgbench(seconds: int, scale: int = 10, clients: int = 8, threads: int = 2) -> float:
     name = f"recon_pgbench_{os.getpid()}"
-    admin = PG_ADMIN_URL.rsplit("/", 1)[0]
-    url = f"{admin}/{name}"
+    url = db_url(name)
     subprocess.run(["psql", PG_ADMIN_URL, "-qc", f'drop database if exists "{name}"'], check=True)
     subprocess.run(["psql", PG_ADMIN_URL, "-qc", f'create database "{name}"'], check=True)
     try:
@@ -355,6 +407,7 @@ async def end_to_end(
         STRIPE_WEBHOOK_SECRETS=secret,
         RECON_HTTP_PORT=str(http_port),
         RECON_WORKER_HTTP_PORT=str(worker_port),
+        RECON_WORKER_CONCURRENCY=str(CONCURRENCY),
     )
     settings = _settings(env)
     connection = await broker.connect(env.amqp_url)
@@ -427,7 +480,13 @@ async def _prepared(tag: str, events: int) -> tuple[Isolated, event_stream.Strea
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = ROOT / "bench" / "results" / f"reconcile-{time.strftime('%Y%m%dT%H%M%S')}"
     workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"machine": _machine(), "workdir": str(workdir.relative_to(ROOT))}
+    results: dict[str, Any] = {
+        "machine": _machine(),
+        "workdir": str(workdir.relative_to(ROOT)),
+        "postgres_transport": "unix socket" if PG_OVER_SOCKET else "tcp 127.0.0.1",
+        "log_level": LOG_LEVEL,
+        "worker_concurrency": CONCURRENCY,
+    }
     env, stream = await _prepared("drain", args.events)
     try:
         results["drain"] = await drain(env, stream, workdir, args.profile)
@@ -459,7 +518,12 @@ def _machine() -> dict[str, Any]:
         ),
         "unknown",
     )
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": sys.version.split()[0]}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": sys.version.split()[0],
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],  # others' work on a shared box
+    }
 
 
 def _print(results: dict[str, Any]) -> None:
@@ -476,6 +540,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--profile", action="store_true", help="py-spy the worker during the drain")
     parser.add_argument(
+        "--concurrency", type=int, default=400, help="the worker's RECON_WORKER_CONCURRENCY (prefetch)"
+    )
+    parser.add_argument("--pg-socket", action="store_true", help="worker and pgbench use the Unix socket")
+    parser.add_argument(
         "--log-level", default="info", help="the processes' LOG_LEVEL (info: a line per event)"
     )
     return parser.parse_args(argv)
@@ -484,5 +552,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = parse_args()
     LOG_LEVEL = arguments.log_level
+    CONCURRENCY = arguments.concurrency
+    PG_OVER_SOCKET = arguments.pg_socket
     final = asyncio.run(main(arguments))
     _print(final)

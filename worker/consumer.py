@@ -35,9 +35,6 @@ log = structlog.get_logger("worker.consumer")
 # context-switch overhead; fewer leaves the server idle while one lane waits on a commit.
 LANE_COUNT = 4
 MAX_BATCH = 50
-# RabbitMQ stops delivering at this many unacked messages. At least RECON_WORKER_CONCURRENCY, and
-# enough that every lane finds a full batch waiting while its previous one commits.
-MIN_PREFETCH = 2 * LANE_COUNT * MAX_BATCH
 DEAD_LETTER_PREFETCH = 16
 DEPTH_EVERY_S = 5.0
 DRAIN_TIMEOUT_S = 20.0
@@ -45,7 +42,15 @@ CHECK_TIMEOUT_S = 2.0
 
 
 def prefetch_for(settings: Settings) -> int:
-    return max(settings.worker_concurrency, MIN_PREFETCH)
+    """RECON_WORKER_CONCURRENCY is the contract's "messages in flight per worker process": the
+    broker stops delivering at that many unacked. Throughput wants every lane to find a full
+    batch waiting while its previous one commits, i.e. about 2 × lanes × MAX_BATCH (400): the
+    default of 32 trades throughput for a small in-flight window (docs/performance.md)."""
+    return settings.worker_concurrency
+
+
+def lane_count(settings: Settings) -> int:
+    return max(1, min(LANE_COUNT, settings.worker_concurrency))
 
 
 @dataclass(slots=True)
@@ -120,7 +125,7 @@ def refund_fetcher(settings: Settings) -> StripeRefunds | None:
 async def open_pool(settings: Settings) -> asyncpg.Pool:
     # One connection per lane, one for the dead-letter recorder, one for /readyz.
     pool = await asyncpg.create_pool(
-        settings.database_url, min_size=1, max_size=LANE_COUNT + 2, command_timeout=30
+        settings.database_url, min_size=1, max_size=lane_count(settings) + 2, command_timeout=30
     )
     assert pool is not None
     return pool
@@ -166,7 +171,7 @@ async def _wire(
         settings=settings,
         pool=pool,
         connection=connection,
-        lanes=Lanes("events", LANE_COUNT, runner.run, MAX_BATCH),
+        lanes=Lanes("events", lane_count(settings), runner.run, MAX_BATCH),
         dead_lanes=Lanes("dead-letters", 1, recorder.run, DEAD_LETTER_PREFETCH),
         fetcher=stripe_refunds,
         consuming=[],
@@ -179,7 +184,7 @@ async def _wire(
         await _consume(connection, topology.DEAD_QUEUE, DEAD_LETTER_PREFETCH, consumer.on_dead_letter)
     )
     consumer.monitor = asyncio.create_task(watch_queue_depth(connection), name="queue-depth")
-    log.info("consumer_started", prefetch=prefetch, lanes=LANE_COUNT, max_batch=MAX_BATCH)
+    log.info("consumer_started", prefetch=prefetch, lanes=lane_count(settings), max_batch=MAX_BATCH)
     return consumer
 
 

@@ -89,7 +89,9 @@ class Consumer:
             await asyncio.gather(self.monitor, return_exceptions=True)
         await self.lanes.stop()
         await self.dead_lanes.stop()
-        await self.connection.close()  # unacked deliveries go back to their queues
+        with contextlib.suppress(Exception):  # a broker that stopped answering must not hang exit
+            # unacked deliveries go back to their queues
+            await asyncio.wait_for(self.connection.close(), DRAIN_TIMEOUT_S)
         if self.fetcher is not None:
             await self.fetcher.close()
         await asyncio.wait_for(self.pool.close(), DRAIN_TIMEOUT_S)

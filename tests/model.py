@@ -8,8 +8,10 @@ the end, whatever order and duplicates the events arrived in (rule 3).
 Where the contract lets the final rows depend on delivery order, the model says so instead of
 guessing: a refund that ends failed or canceled nets to zero either as no rows at all (its failure
 was known before any live snapshot was applied) or as a `refund` plus a `refund_reversal` (rule 4).
-Where the contract is silent (the status of an order whose charge was never captured) the
-expected value is None and the comparison skips it.
+Where the contract is silent the model takes what a payments engineer expects and says so: an
+authorisation that was never captured (still open, or expired and released) took no money, so its
+payment stays `pending` and its order `pending` / invoice `unpaid` (rule 5 only speaks of money
+that was taken). An expected value of None means "not compared".
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ Row = tuple[str, int, str, str, str]  # (kind, amount, currency, stripe_object_i
 
 @dataclass(frozen=True)
 class Balance:
-    """Expected finance.payment_balances columns; None means the contract does not say."""
+    """Expected finance.payment_balances columns; None means "not compared", except for
+    dispute_status, where None is the null of a charge never disputed."""
 
     currency: str
     amount: int | None  # the captured amount once Stripe showed it, else the host's amount
@@ -187,7 +190,7 @@ def _expect_charge(charge: Charge, out: Expected) -> None:
             out.ledger[("dispute_fee", -txn.fee, txn.currency, charge.dispute_id, ch)] += 1
     captured = truth.amount_captured or (charge.amount if charge.host_recorded else 0)
     disputed = truth.dispute_status is not None and truth.dispute_status not in DISPUTE_CLOSED
-    status = money_status(net_refunded, captured) if captured else None
+    status = money_status(net_refunded, captured) if captured else "pending"
     out.balances[ch] = Balance(
         currency=cur,
         amount=captured or None,
@@ -198,7 +201,9 @@ def _expect_charge(charge: Charge, out: Expected) -> None:
         disputed=disputed,
         dispute_status=truth.dispute_status,
     )
-    out.statuses[charge.number] = "rejected" if charge.rejected else status
+    unpaid = "pending" if charge.owner == "order" else "unpaid"
+    owner_status = unpaid if status == "pending" else status
+    out.statuses[charge.number] = "rejected" if charge.rejected else owner_status
     out.disputed[charge.number] = disputed
 
 

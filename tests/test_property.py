@@ -188,7 +188,7 @@ def charge_differences(c: Charge, exp: Expected, got: dict[str, Any]) -> list[st
     if have is None:
         return [f"{c.id}: no payment_balances row"]
     for column, value in vars(want).items():
-        if value is not None and have[column] != value:
+        if (value is not None or column == "dispute_status") and have[column] != value:
             problems.append(f"{c.id}: payment_balances.{column} = {have[column]!r}, model says {value!r}")
     status, disputed = got["owners"][c.number]
     if exp.statuses[c.number] is not None and status != exp.statuses[c.number]:

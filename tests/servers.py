@@ -9,6 +9,7 @@ import uuid
 from urllib.parse import quote
 
 import asyncpg
+from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from worker import migrate
 
@@ -71,7 +72,7 @@ class VhostPool:
             f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, V, <<".*">>, <<".*">>, '
             f'<<".*">>, <<"recon-tests">>) end || V <- {_erl_binaries(names)}], ok.'
         )
-        subprocess.run(["rabbitmqctl", "-q", "eval", expr], check=True, capture_output=True, timeout=60)
+        _rabbitmqctl_eval(expr)
         self._free.extend(names)
         self._made.extend(names)
 
@@ -86,6 +87,17 @@ class VhostPool:
             expr = f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(self._made)}], ok.'
             subprocess.run(["rabbitmqctl", "-q", "eval", expr], capture_output=True, timeout=120)
             self._made.clear()
+
+
+@retry(
+    retry=retry_if_exception_type(subprocess.SubprocessError),
+    stop=stop_after_attempt(5),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    reraise=True,
+)
+def _rabbitmqctl_eval(expr: str) -> None:
+    """rabbitmqctl sometimes fails when many CLI calls hit the node at once (parallel test runs)."""
+    subprocess.run(["rabbitmqctl", "-q", "eval", expr], check=True, capture_output=True, timeout=60)
 
 
 def amqp_url(vhost: str) -> str:

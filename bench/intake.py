@@ -43,6 +43,7 @@ RESULTS = ROOT / "bench" / "results"
 FIXTURES = ROOT / "tests" / "fixtures" / "stripe"
 AMQP_BASE = os.environ.get("RECON_BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672/")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+BROKER_CALL_TIMEOUT_S = 60.0
 ID_PLACEHOLDER = "evt_BENCH_PLACEHOLDER_0000000000000000"
 # (event type, fixture object): a mix of the handled types, as Stripe would send them.
 EVENT_MIX = (
@@ -242,7 +243,8 @@ def broker_pid() -> int | None:
 
 
 def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    command = ["rabbitmqctl", "-q", *args]
+    subprocess.run(command, check=True, capture_output=True, timeout=BROKER_CALL_TIMEOUT_S * 2)
 
 
 def free_port() -> int:
@@ -406,14 +408,22 @@ def summarise(
 
 
 async def purge_work_queue(amqp_url: str) -> None:
-    """Between phases: the bench measures intake, and a growing queue would tax the broker."""
+    """Between phases: the bench measures intake, and a growing queue would tax the broker.
+
+    Bounded: on a shared broker that has stopped answering, the bench reports and goes on
+    (the vhost, and its messages, are deleted at the end anyway).
+    """
     import aio_pika
 
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue("recon.events", passive=True)
-        await queue.purge()
+    try:
+        async with asyncio.timeout(BROKER_CALL_TIMEOUT_S):
+            connection = await aio_pika.connect(amqp_url, timeout=BROKER_CALL_TIMEOUT_S)
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.declare_queue("recon.events", passive=True)
+                await queue.purge()
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        print(f"warning: could not purge recon.events ({type(exc).__name__}); the broker may be overloaded")
 
 
 async def publish_only(amqp_url: str, count: int, concurrency: int) -> PhaseResult:
@@ -668,14 +678,18 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{args.requests} measured + {args.warmup} warm-up requests per phase")
         receiver, codes = await bench_receiver(args, vhost, secret, workdir)
         amqp_url = AMQP_BASE + quote(vhost, safe="")
-        probe = await publish_only(amqp_url, args.requests, max(args.concurrency))
+        async with asyncio.timeout(BROKER_CALL_TIMEOUT_S * 5):
+            probe = await publish_only(amqp_url, args.requests, max(args.concurrency))
         print(format_row(probe), flush=True)
         await purge_work_queue(amqp_url)
         baseline = [] if args.no_baseline else await bench_baseline(args, secret)
         report(receiver, baseline or receiver, probe, codes, args)
     finally:
-        rabbitmqctl("delete_vhost", vhost)
         shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            rabbitmqctl("delete_vhost", vhost)
+        except (subprocess.SubprocessError, OSError):
+            print(f"warning: could not delete vhost {vhost}: rabbitmqctl delete_vhost {vhost}")
 
 
 if __name__ == "__main__":

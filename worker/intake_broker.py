@@ -27,6 +27,7 @@ RECONNECT_MAX_S = 10.0
 # Publishes still in flight at shutdown get this long to be confirmed before the connection
 # closes; a publish gives up on its own after broker.PUBLISH_TIMEOUT_S anyway.
 DRAIN_S = broker.PUBLISH_TIMEOUT_S + 1.0
+CLOSE_TIMEOUT_S = 5.0
 
 _TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
 
@@ -142,4 +143,9 @@ class BrokerLink:
         except TimeoutError:
             log.warning("broker_close_with_publishes_in_flight", in_flight=self._in_flight)
         if self._connection is not None:
-            await self._connection.close()
+            try:
+                # A broker that stopped answering would never send Close-Ok: SIGTERM must not hang.
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._connection.close()
+            except TimeoutError:
+                log.warning("broker_close_timed_out", after_s=CLOSE_TIMEOUT_S)

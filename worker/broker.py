@@ -14,6 +14,7 @@ from worker import topology
 from worker.settings import Settings
 
 PUBLISH_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
 
 
 class PublishFailed(Exception):
@@ -22,7 +23,11 @@ class PublishFailed(Exception):
 
 async def connect(amqp_url: str) -> AbstractRobustConnection:
     """A robust connection: it reconnects by itself and restores channels after a broker restart."""
-    return await aio_pika.connect_robust(amqp_url, client_properties={"connection_name": "stripe-recon"})
+    # The timeout bounds the TCP connect and the AMQP handshake of this attempt and of every later
+    # reconnect: a broker that accepts TCP but never answers would otherwise hang them for good.
+    return await aio_pika.connect_robust(
+        amqp_url, timeout=CONNECT_TIMEOUT_S, client_properties={"connection_name": "stripe-recon"}
+    )
 
 
 async def open_confirm_channel(connection: AbstractRobustConnection) -> AbstractChannel:

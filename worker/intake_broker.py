@@ -8,6 +8,7 @@ robust connection reconnects by itself and restores the confirm channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aio_pika
@@ -28,6 +29,8 @@ RECONNECT_MAX_S = 10.0
 # closes; a publish gives up on its own after broker.PUBLISH_TIMEOUT_S anyway.
 DRAIN_S = broker.PUBLISH_TIMEOUT_S + 1.0
 CLOSE_TIMEOUT_S = 5.0
+# An attempt in progress ends by itself: handshake, then declarations, then a close if it failed.
+CONNECTOR_STOP_S = broker.CONNECT_TIMEOUT_S * 2 + CLOSE_TIMEOUT_S
 
 _TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
 
@@ -48,6 +51,7 @@ class BrokerLink:
         self._idle = asyncio.Event()
         self._idle.set()
         self._first_attempt = asyncio.Event()
+        self._closing = asyncio.Event()
 
     async def start(self) -> None:
         """Connect and declare the topology; if the broker is unreachable, keep trying in the background.
@@ -70,7 +74,7 @@ class BrokerLink:
 
     async def _keep_connecting(self) -> None:
         delay_s = RECONNECT_MIN_S
-        while True:
+        while not self._closing.is_set():
             try:
                 await self._connect()
                 log.info("broker_connected")
@@ -84,22 +88,40 @@ class BrokerLink:
                 log.error("broker_topology_failed", error=type(exc).__name__, detail=str(exc))
                 raise
             self._first_attempt.set()
-            await asyncio.sleep(delay_s)
+            # Only the pause is cut short by close(): cancelling an attempt mid-handshake would
+            # leave aio-pika's own reconnect task behind, which swallows cancellation and hangs exit.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay_s):
+                    await self._closing.wait()
             delay_s = min(delay_s * 2, RECONNECT_MAX_S)
 
     async def _connect(self) -> None:
+        # broker.connect bounds the handshake itself (broker.CONNECT_TIMEOUT_S), so an attempt ends.
         connection = await broker.connect(self._settings.amqp_url)
         try:
-            await broker.declare_topology(connection, self._settings)
-            channel = await broker.open_confirm_channel(connection)
+            async with asyncio.timeout(broker.CONNECT_TIMEOUT_S):
+                await broker.declare_topology(connection, self._settings)
+                channel = await broker.open_confirm_channel(connection)
         except BaseException:
-            await connection.close()
+            await self._close_connection(connection)
             raise
+        if self._closing.is_set():
+            await self._close_connection(connection)
+            return
         # A broker that came back without our definitions (a new node) would make every
         # publish unroutable: declare again after each reconnect (idempotent).
         connection.reconnect_callbacks.add(self._redeclare)
         self._connection, self._channel = connection, channel
         self._publisher = broker.Publisher(channel)
+
+    @staticmethod
+    async def _close_connection(connection: AbstractRobustConnection) -> None:
+        try:
+            # A broker that stopped answering would never send Close-Ok: SIGTERM must not hang.
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await connection.close()
+        except TimeoutError:
+            log.warning("broker_close_timed_out", after_s=CLOSE_TIMEOUT_S)
 
     async def _redeclare(self, _sender: Any) -> None:
         if self._connection is None:
@@ -132,9 +154,12 @@ class BrokerLink:
                 self._idle.set()
 
     async def close(self) -> None:
-        """Let in-flight publishes be confirmed (bounded), then close the connection."""
+        """Stop connecting, let in-flight publishes be confirmed (bounded), then close the connection."""
+        self._closing.set()
         if self._connector is not None:
-            self._connector.cancel()
+            done, _ = await asyncio.wait({self._connector}, timeout=CONNECTOR_STOP_S)
+            if not done:
+                self._connector.cancel()
             # Also collects a fatal topology error the task may have ended with.
             await asyncio.gather(self._connector, return_exceptions=True)
         try:
@@ -143,9 +168,4 @@ class BrokerLink:
         except TimeoutError:
             log.warning("broker_close_with_publishes_in_flight", in_flight=self._in_flight)
         if self._connection is not None:
-            try:
-                # A broker that stopped answering would never send Close-Ok: SIGTERM must not hang.
-                async with asyncio.timeout(CLOSE_TIMEOUT_S):
-                    await self._connection.close()
-            except TimeoutError:
-                log.warning("broker_close_timed_out", after_s=CLOSE_TIMEOUT_S)
+            await self._close_connection(self._connection)

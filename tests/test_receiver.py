@@ -17,10 +17,12 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from yarl import URL
 
+from tests.conftest import free_port
 from tests.harness import post_event, running, wait_until
 from tests.stripe_events import TEST_SECRET, encode, fixture, make_event, sign
 from tests.tcp_proxy import TcpProxy
 from worker import topology
+from worker.intake_broker import CONNECTOR_STOP_S, FIRST_CONNECT_WAIT_S
 from worker.settings import Settings
 
 MAX_BODY_BYTES = 32 * 1024
@@ -333,6 +335,38 @@ async def test_shutdown_with_posts_in_flight_never_acknowledges_an_unqueued_even
     assert accepted, "no request was answered before the shutdown"
     assert accepted <= queued
     assert {status for _, status in answers} <= {200, 0}
+
+
+async def test_broker_that_never_answers_neither_blocks_start_nor_hangs_shutdown() -> None:
+    """A broker that accepts TCP but never speaks AMQP: the receiver starts, is not ready, 503s, and stops."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()  # say nothing until the client hangs up
+
+    black_hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = black_hole.sockets[0].getsockname()[1]
+    # No shared server is involved: plain settings instead of the per-test fixtures.
+    settings = Settings(
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{port}/",
+        webhook_secrets=(TEST_SECRET,),
+        http_port=free_port(),
+    )
+    started = time.monotonic()
+    try:
+        async with aiohttp.ClientSession() as http, running("receiver", settings) as base_url:
+            assert time.monotonic() - started < FIRST_CONNECT_WAIT_S + 3
+            assert await _ready_status(http, base_url) == 503
+            status, answer = await post_event(http, base_url, refund_event())
+            assert (status, answer["error"]) == (503, "broker_unavailable")
+            stopping = time.monotonic()
+        assert time.monotonic() - stopping < CONNECTOR_STOP_S + 3
+        assert held, "the receiver never tried the broker"
+    finally:
+        black_hole.close()
+        for writer in held:
+            writer.close()
 
 
 async def _is(expected: int, status: Any) -> bool:

@@ -306,10 +306,10 @@ async def test_readiness_follows_database_and_broker_outages(
 
     from tests.tcp_proxy import TcpProxy
 
-    pg, mq = TcpProxy("127.0.0.1", 5432), TcpProxy("127.0.0.1", 5672)
+    db, vhost = urlsplit(settings.database_url), urlsplit(amqp_url)
+    pg, mq = TcpProxy("127.0.0.1", db.port or 5432), TcpProxy("127.0.0.1", vhost.port or 5672)
     await pg.start()
     await mq.start()
-    db, vhost = urlsplit(settings.database_url), urlsplit(amqp_url)
     proxied = dataclasses.replace(
         settings,
         database_url=urlunsplit(db._replace(netloc=f"postgres@127.0.0.1:{pg.port}")),

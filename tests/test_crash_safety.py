@@ -163,7 +163,8 @@ async def test_connection_cut_mid_stream_loses_nothing_and_books_once(
     """The worker's connection to RabbitMQ (or PostgreSQL) is reset mid-stream and refused for a
     while: /readyz goes 503, the worker reconnects by itself once it is back, and the ledger ends
     equal to the serial reference (redeliveries become inbox duplicates, none double-books)."""
-    proxy = TcpProxy("127.0.0.1", 5672 if server == "broker" else 5432)
+    target = urlsplit(amqp_url if server == "broker" else settings.database_url)
+    proxy = TcpProxy("127.0.0.1", target.port or (5672 if server == "broker" else 5432))
     await proxy.start()
     if server == "broker":
         proxied = dataclasses.replace(settings, amqp_url=_via(amqp_url, proxy.port))

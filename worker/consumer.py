@@ -14,12 +14,14 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+import aio_pika
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aiohttp import web
 
 from worker import broker, metrics, topology
+from worker.acks import Acks
 from worker.batches import Lanes
 from worker.broker import Publisher
 from worker.dead_letter_recorder import DeadLetterRecorder
@@ -62,9 +64,14 @@ class Consumer:
     dead_lanes: Lanes[AbstractIncomingMessage]
     fetcher: StripeRefunds | None
     consuming: list[tuple[AbstractQueue, str]]
+    acks: Acks
     monitor: asyncio.Task[None] | None = None
 
     async def on_event(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self.acks.delivered(message)
+        except aio_pika.exceptions.ChannelInvalidStateError:
+            return  # delivered on a channel that closed since: the broker redelivers it
         item = inbound(message)
         self.lanes.route(charge_key(item.event), item)
 
@@ -167,7 +174,8 @@ async def _wire(
     await broker.declare_topology(connection, settings)
     publisher = Publisher(await broker.open_confirm_channel(connection))
     stripe_refunds = refund_fetcher(settings) if fetcher is None else None
-    runner = BatchRunner(pool, rules, settings, publisher, fetcher or stripe_refunds)
+    acks = Acks(max_held=max(1, prefetch_for(settings) // 4))
+    runner = BatchRunner(pool, rules, settings, publisher, fetcher or stripe_refunds, acks)
     recorder = DeadLetterRecorder(pool, rules, settings.max_attempts)
     consumer = Consumer(
         settings=settings,
@@ -177,6 +185,7 @@ async def _wire(
         dead_lanes=Lanes("dead-letters", 1, recorder.run, DEAD_LETTER_PREFETCH),
         fetcher=stripe_refunds,
         consuming=[],
+        acks=acks,
     )
     consumer.lanes.start()
     consumer.dead_lanes.start()

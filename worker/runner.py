@@ -22,6 +22,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from worker import verdicts
+from worker.acks import Acks
 from worker.broker import Publisher
 from worker.deliveries import Inbound
 from worker.refund_fetch import RefundFetcher, RefundFetchFailed
@@ -112,6 +113,7 @@ class BatchRunner:
         settings: Settings,
         publisher: Publisher,
         fetch_refunds: RefundFetcher | None,
+        acks: Acks,
     ) -> None:
         from handlers import Policy
 
@@ -120,6 +122,7 @@ class BatchRunner:
         self._settings = settings
         self._publisher = publisher
         self._fetch_refunds = fetch_refunds
+        self._acks = acks
         self._policy = Policy(unmatched_retry_s=settings.unmatched_retry_s)
 
     async def run(self, batch: Sequence[Inbound]) -> None:
@@ -133,7 +136,7 @@ class BatchRunner:
         except Exception:
             log.exception("batch_crashed", size=len(batch))
             for item in batch:
-                await verdicts.finish_message(item.message, requeue=True)
+                await self._acks.nack(item.message)
             return
         await self._settle(planned)
 
@@ -302,9 +305,11 @@ class BatchRunner:
         for entry in planned:
             assert entry.verdict is not None
             if entry.verdict.action == "ack":
-                await verdicts.finish_message(entry.item.message)
+                await self._acks.ack(entry.item.message)
             else:
-                publishes.append(verdicts.settle(entry.item, entry.verdict, self._publisher, self._settings))
+                publishes.append(
+                    verdicts.settle(entry.item, entry.verdict, self._publisher, self._settings, self._acks)
+                )
             verdicts.record(entry.item, entry.verdict, committed_at if entry.committed else None)
         if publishes:
             await asyncio.gather(*publishes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aio_pika
 import structlog
@@ -20,6 +20,9 @@ from worker import metrics, topology
 from worker.broker import Publisher, PublishFailed
 from worker.deliveries import Inbound
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.acks import Acks
 
 log = structlog.get_logger("worker.consumer")
 
@@ -110,7 +113,9 @@ async def _publish(item: Inbound, verdict: Verdict, publisher: Publisher, settin
         await publisher.publish_dead_letter(dead_letter_message(item, verdict))
 
 
-async def settle(item: Inbound, verdict: Verdict, publisher: Publisher, settings: Settings) -> bool:
+async def settle(
+    item: Inbound, verdict: Verdict, publisher: Publisher, settings: Settings, acks: Acks
+) -> bool:
     """Carry out a verdict after the commit. True if the original was acked.
 
     A publish that is not confirmed leaves the original unacked and puts it back in the queue
@@ -120,19 +125,22 @@ async def settle(item: Inbound, verdict: Verdict, publisher: Publisher, settings
         await _publish(item, verdict, publisher, settings)
     except PublishFailed as exc:
         log.warning("requeued_publish_failed", event_id=item.event_id, action=verdict.action, error=str(exc))
-        await finish_message(item.message, requeue=True)
+        await acks.nack(item.message)
         return False
-    return await finish_message(item.message)
+    return await acks.ack(item.message)
 
 
-async def finish_message(message: AbstractIncomingMessage, *, requeue: bool | None = None) -> bool:
+async def finish_message(
+    message: AbstractIncomingMessage, *, requeue: bool | None = None, multiple: bool = False
+) -> bool:
     """Ack (or nack with requeue), shielded from cancellation: a commit is never left half-reported.
 
     A closed delivery channel cannot ack; the broker redelivers the message on its own, and the
     inbox makes that delivery a duplicate. Returns True when the ack was sent.
     """
     try:
-        await asyncio.shield(message.ack() if requeue is None else message.nack(requeue=requeue))
+        done = message.ack(multiple=multiple) if requeue is None else message.nack(requeue=requeue)
+        await asyncio.shield(done)
     except _CHANNEL_GONE as exc:
         log.info("ack_lost_channel_closed", message_id=message.message_id, error=type(exc).__name__)
         return False

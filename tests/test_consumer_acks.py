@@ -1,0 +1,112 @@
+"""Multiple-acks: deliveries finished out of order are acked in as few frames as possible, never
+one that has not finished, and a slow delivery cannot hold the whole prefetch window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.acks import Acks
+
+Frame = tuple[str, int, bool]  # ("ack"|"nack", delivery tag, multiple or requeue)
+
+
+@dataclass
+class FakeChannel:
+    frames: list[Frame] = field(default_factory=list)
+    is_closed: bool = False
+
+
+@dataclass
+class FakeMessage:
+    """Just what AckWindow and finish_message use of an aio-pika IncomingMessage."""
+
+    delivery_tag: int
+    channel: FakeChannel
+    message_id: str = "evt_fake"
+
+    async def ack(self, multiple: bool = False) -> None:
+        self.channel.frames.append(("ack", self.delivery_tag, multiple))
+
+    async def nack(self, requeue: bool = True, multiple: bool = False) -> None:
+        self.channel.frames.append(("nack", self.delivery_tag, requeue))
+
+
+def deliver(acks: Acks, channel: FakeChannel, count: int) -> list[Any]:
+    messages = [FakeMessage(tag, channel) for tag in range(1, count + 1)]
+    for message in messages:
+        acks.delivered(message)  # type: ignore[arg-type]
+    return messages
+
+
+def acked_up_to(frames: list[Frame]) -> set[int]:
+    """The tags the broker considers acked after these frames."""
+    done: set[int] = set()
+    for kind, tag, flag in frames:
+        if kind == "ack" and flag:
+            done |= set(range(1, tag + 1))
+        else:
+            done.add(tag)
+    return done
+
+
+async def test_in_order_run_is_one_frame() -> None:
+    """Finishing 1..5 in order after 1 is done acks each run with one multiple frame."""
+    channel = FakeChannel()
+    acks = Acks(max_held=100)
+    messages = deliver(acks, channel, 5)
+    for message in messages[1:]:
+        await acks.ack(message)
+    assert channel.frames == []  # 1 is not finished: nothing may be acked yet
+    await acks.ack(messages[0])
+    assert channel.frames == [("ack", 5, True)]
+
+
+async def test_never_acks_past_an_unfinished_delivery() -> None:
+    """With 3 unfinished, 1-2 are acked and 4-6 wait; when 3 finishes, one frame acks 3-6."""
+    channel = FakeChannel()
+    acks = Acks(max_held=100)
+    m = deliver(acks, channel, 6)
+    for i in (0, 1, 3, 4, 5):
+        await acks.ack(m[i])
+    assert acked_up_to(channel.frames) == {1, 2}
+    await acks.ack(m[2])
+    assert channel.frames[-1] == ("ack", 6, True)
+    assert acked_up_to(channel.frames) == set(range(1, 7))
+
+
+async def test_requeued_delivery_counts_as_finished_and_is_not_acked() -> None:
+    """A nack (requeue) settles its delivery alone; the multiple ack behind it carries a later tag."""
+    channel = FakeChannel()
+    acks = Acks(max_held=100)
+    m = deliver(acks, channel, 3)
+    await acks.ack(m[2])
+    await acks.nack(m[1])
+    await acks.ack(m[0])
+    assert channel.frames == [("nack", 2, True), ("ack", 3, True)]
+
+
+async def test_slow_delivery_does_not_hold_the_window() -> None:
+    """Past max_held finished deliveries behind an unfinished one, they are acked one by one."""
+    channel = FakeChannel()
+    acks = Acks(max_held=2)
+    m = deliver(acks, channel, 6)
+    for message in m[1:]:
+        await acks.ack(message)
+    assert channel.frames == [("ack", 4, False), ("ack", 5, False), ("ack", 6, False)]
+    await acks.ack(m[0])
+    assert channel.frames[-1] == ("ack", 3, True)  # 4-6 are already acked: 3 carries the run
+    assert acked_up_to(channel.frames) == set(range(1, 7))
+
+
+async def test_new_channel_after_reconnect_has_its_own_window() -> None:
+    """Tags restart on a new channel: its deliveries are acked without waiting for the old ones."""
+    old, new = FakeChannel(), FakeChannel()
+    acks = Acks(max_held=100)
+    deliver(acks, old, 3)
+    old.is_closed = True
+    fresh = deliver(acks, new, 2)
+    await acks.ack(fresh[0])
+    await acks.ack(fresh[1])
+    assert new.frames == [("ack", 1, True), ("ack", 2, True)]
+    assert old.frames == []

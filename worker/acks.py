@@ -1,0 +1,107 @@
+"""Acks with as few frames as possible: one ``basic.ack multiple=true`` per run of finished deliveries.
+
+Lanes finish deliveries out of order, so a delivery is acked only once it and every earlier
+delivery of its channel have finished (committed and settled): then one frame with ``multiple``
+acks them all. On a quorum queue each ack frame is also a write to the queue's Raft log, so this
+saves the broker as much as the worker.
+
+A delivery that takes long (a batch retrying through a database hiccup, a slow Stripe fetch)
+would hold back the acks behind it and, with them, the prefetch window: once more than
+``max_held`` finished deliveries wait behind an unfinished one, they are acked one by one. A later
+``multiple`` ack that covers them again is harmless: it acks only what is still outstanding.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.verdicts import finish_message
+
+DEFAULT_MAX_HELD = 100
+
+
+class AckWindow:
+    """The deliveries of one channel, in delivery order, until they are acked."""
+
+    def __init__(self, channel: Any, max_held: int = DEFAULT_MAX_HELD) -> None:
+        self.channel = channel
+        self._max_held = max_held
+        self._outstanding: collections.deque[int] = collections.deque()
+        self._finished: dict[int, AbstractIncomingMessage] = {}
+        self._settled: set[int] = set()  # finished and already acked or nacked on their own
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        self._outstanding.append(_tag(message))
+
+    @property
+    def held(self) -> int:
+        """Finished deliveries not acked yet (waiting behind an unfinished one)."""
+        return len(self._finished) - len(self._settled)
+
+    async def ack(self, message: AbstractIncomingMessage) -> bool:
+        """Ack ``message`` once it and everything delivered before it are finished."""
+        self._finished[_tag(message)] = message
+        carrier = self._advance()
+        if carrier is not None:
+            return await finish_message(carrier, multiple=True)
+        if self.held > self._max_held:
+            self._settled.add(_tag(message))
+            return await finish_message(message)
+        return True
+
+    async def nack(self, message: AbstractIncomingMessage) -> bool:
+        """Requeue ``message`` now; it counts as finished for the acks held behind it."""
+        self._finished[_tag(message)] = message
+        self._settled.add(_tag(message))
+        requeued = await finish_message(message, requeue=True)
+        carrier = self._advance()
+        if carrier is not None:
+            await finish_message(carrier, multiple=True)
+        return requeued
+
+    def _advance(self) -> AbstractIncomingMessage | None:
+        """Pop the finished run at the head; the last message of it not yet settled on its own
+        carries the multiple ack (the settled ones are no longer outstanding at the broker)."""
+        carrier = None
+        while self._outstanding and self._outstanding[0] in self._finished:
+            tag = self._outstanding.popleft()
+            message = self._finished.pop(tag)
+            if tag in self._settled:
+                self._settled.discard(tag)
+            else:
+                carrier = message
+        return carrier
+
+
+def _tag(message: AbstractIncomingMessage) -> int:
+    assert message.delivery_tag is not None
+    return message.delivery_tag
+
+
+class Acks:
+    """One AckWindow per consuming channel (a reconnect opens a new channel with new tags)."""
+
+    def __init__(self, max_held: int = DEFAULT_MAX_HELD) -> None:
+        self._max_held = max_held
+        self._windows: dict[int, AckWindow] = {}
+
+    def window(self, message: AbstractIncomingMessage) -> AckWindow:
+        channel = message.channel
+        window = self._windows.get(id(channel))
+        if window is None or window.channel is not channel:
+            # Forget windows of closed channels: their deliveries come back on the new one.
+            self._windows = {key: w for key, w in self._windows.items() if not w.channel.is_closed}
+            window = self._windows[id(channel)] = AckWindow(channel, self._max_held)
+        return window
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        self.window(message).delivered(message)
+
+    async def ack(self, message: AbstractIncomingMessage) -> bool:
+        return await self.window(message).ack(message)
+
+    async def nack(self, message: AbstractIncomingMessage) -> bool:
+        return await self.window(message).nack(message)

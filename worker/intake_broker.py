@@ -77,7 +77,8 @@ class BrokerLink:
         while not self._closing.is_set():
             try:
                 await self._connect()
-                log.info("broker_connected")
+                if self._connection is not None:  # None: close() came first and it was closed again
+                    log.info("broker_connected")
                 return
             except _TRANSIENT as exc:
                 # Never the URL: it may hold a password.

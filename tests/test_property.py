@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import asyncpg
 from hypothesis import HealthCheck, Phase, given, settings
@@ -39,6 +40,7 @@ from tests.histories import deliveries, render_all
 from tests.histories import histories as history_strategy
 from tests.model import Charge, Expected, expected, ledger_differences
 from tests.stripe_events import TEST_SECRET
+from worker import topology
 from worker.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -218,6 +220,20 @@ def differences(history: list[Charge], events: list[dict[str, Any]], got: dict[s
     return problems
 
 
+async def release_queues(s: Settings) -> None:
+    """Delete this vhost's queues once done with it: each quorum queue is a Raft group the shared
+    broker keeps running until the vhost goes at the end of the session, and a few hundred of them
+    make every vhost operation take a minute."""
+    with contextlib.suppress(Exception):  # cleanup of a run that may have failed on the broker
+        connection = await aio_pika.connect(s.amqp_url, timeout=10)
+        async with connection:
+            channel = await connection.channel()
+            names = [topology.WORK_QUEUE, topology.DEAD_QUEUE]
+            names += [q.name for q in topology.retry_queues(s.retry_delays_s)]
+            for name in names:
+                await channel.queue_delete(name)
+
+
 async def unsettled(database_url: str, ids: list[str], log_dir: Path) -> str:
     """Why an example did not settle: the outcomes so far and the tail of each worker's log."""
     rows = await fetch(database_url, "select stripe_event_id, type, outcome, attempts from finance.events")
@@ -267,6 +283,7 @@ async def run_example(pg_template: str, history: list[Charge], delivered: list[d
         assert not problems, "\n".join(["the finance views disagree with the model:", *problems])
     finally:
         await servers.drop_database(db_name)
+        await release_queues(s)
 
 
 @st.composite

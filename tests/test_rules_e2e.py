@@ -10,7 +10,7 @@ import contextlib
 import json
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import aio_pika
 import aiohttp
 import asyncpg
 import pytest
-import structlog
+from prometheus_client import REGISTRY
 
 from tests import builders as b
 from tests import host_records as host
@@ -28,11 +28,18 @@ from tests.harness import events_settled, fetch, post_event, running, wait_until
 from tests.histories import render_all
 from tests.model import Authorise, Capture, Charge, DisputeStep, RefundStep, Txn, expected, ledger_differences
 from tests.tcp_proxy import TcpProxy
-from tests.test_property import read_outcome, seed_host_rows, worker_processes
+from tests.test_property import read_outcome, release_queues, seed_host_rows, worker_processes
 from worker import topology
 from worker.settings import Settings
 
 T = b.T0
+
+
+@pytest.fixture(autouse=True)
+async def _free_the_broker(settings: Settings) -> AsyncIterator[None]:
+    """This test's quorum queues go when it ends, not with the vhost at the end of the session."""
+    yield
+    await release_queues(settings)
 OLD, NEW = b.OLD_API_VERSION, "2024-10-28.acacia"
 
 
@@ -126,6 +133,32 @@ async def work_queue_depth(amqp_url: str) -> int:
         await connection.close()
 
 
+class Processed:
+    """The in-process worker's recon_events_processed_total for one (type, outcome), from now on."""
+
+    def __init__(self, event_type: str, outcome: str) -> None:
+        self.labels = {"type": event_type, "outcome": outcome}
+        self.start = self.now()
+
+    def now(self) -> float:
+        return REGISTRY.get_sample_value("recon_events_processed_total", self.labels) or 0.0
+
+    def delta(self) -> int:
+        return int(self.now() - self.start)
+
+    def grew(self, by: int = 1) -> bool:
+        return self.delta() >= by
+
+
+def soon(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A wait_until probe for an in-process condition."""
+
+    async def probe() -> bool:
+        return condition()
+
+    return probe
+
+
 def paid_charge(charge_id: str, amount: int = 1000, currency: str = "usd", **kw: Any) -> dict[str, Any]:
     return b.charge(charge_id=charge_id, amount=amount, currency=currency, created=T, **kw)
 
@@ -183,23 +216,19 @@ async def test_rule1_database_outage_does_not_lose_a_queued_event(settings: Sett
         "refund.created", b.refund(charge_id="ch_rule1db", amount=400, refund_id="re_rule1db"), created=T + 1
     )
     try:
-        with structlog.testing.capture_logs() as logs:
-            async with recon(via_proxy, observe=settings) as stripe:
-                await stripe.deliver(first)
-                await proxy.cut()
-                await stripe.post(refund)
-
-                async def held_during_outage() -> bool:
-                    return any(e.get("event_id") == refund["id"] for e in logs)
-
-                await wait_until(
-                    held_during_outage,
-                    timeout_s=60,
-                    interval_s=0.2,
-                    what="the worker to report the event it could not commit",
-                )
-                await proxy.restore()
-                await stripe.settled(refund, timeout_s=60)
+        async with recon(via_proxy, observe=settings) as stripe:
+            await stripe.deliver(first)
+            await proxy.cut()
+            deferred = Processed("refund.created", "retrying")
+            await stripe.post(refund)
+            await wait_until(
+                soon(deferred.grew),
+                timeout_s=60,
+                interval_s=0.2,
+                what="the worker to give back the event it could not commit",
+            )
+            await proxy.restore()
+            await stripe.settled(refund, timeout_s=60)
     finally:
         await proxy.close()
     assert await ledger(settings) == Counter(
@@ -227,21 +256,13 @@ async def test_rule2_one_refund_row_whichever_events_report_it_and_redelivery_is
         b.refund_event("charge.refund.updated", re, created=T + 1, api_version=OLD),
         b.refund_event("refund.created", re, created=T + 1, api_version=NEW),
     ]
-    with structlog.testing.capture_logs() as logs:
-        async with recon(settings) as stripe:
-            await stripe.post(*events)
-            await stripe.settled(*events)
-            await stripe.post(events[2])  # Stripe delivers it again
-
-            async def redelivery_logged() -> list[dict[str, Any]]:
-                return [
-                    e
-                    for e in logs
-                    if e.get("event_id") == events[2]["id"] and e.get("event") == "event_handled"
-                ][1:]
-
-            again = await wait_until(redelivery_logged, what="the redelivery to be handled")
-    assert again[0]["outcome"] == "duplicate"
+    async with recon(settings) as stripe:
+        await stripe.post(*events)
+        await stripe.settled(*events)
+        duplicates = Processed("refund.created", "duplicate")
+        await stripe.post(events[2])  # Stripe delivers it again
+        await wait_until(soon(duplicates.grew), what="the redelivery to be handled as a duplicate")
+    assert await outcome(settings, events[2]) == "applied"
     assert await ledger(settings, "ch_rule2") == Counter(
         {("charge", 1000, "usd", "ch_rule2"): 1, ("refund", -250, "usd", "re_rule2"): 1}
     )
@@ -262,22 +283,25 @@ async def test_rule2_an_event_waiting_for_a_retry_is_not_applied_yet(settings: S
         "refund.created", b.refund(charge_id="ch_rule2r", amount=150, refund_id="re_rule2r")
     )
     charge = b.charge_event("charge.succeeded", paid_charge("ch_rule2r", metadata={"order_number": "ORD-2R"}))
-    with structlog.testing.capture_logs() as logs:
-        async with recon(settings) as stripe:
-            await stripe.post(early)
-            await wait_until(lambda: _retrying(settings, early), what="the refund to wait for its charge")
-            await stripe.post(early)
-            await stripe.post(charge)
-            await stripe.settled(early, charge)
-
-            async def both_copies_handled() -> list[str]:
-                handled = [e["outcome"] for e in logs if e.get("event_id") == early["id"] and "outcome" in e]
-                return handled if handled.count("retrying") < len(handled) - 1 else []
-
-            handled = await wait_until(both_copies_handled, what="both copies to be handled")
-    assert await outcome(settings, early) == "applied"
-    # Nothing is a duplicate of an application that had not happened yet.
-    assert "applied" in handled and handled.index("applied") < (handled + ["duplicate"]).index("duplicate")
+    # The first copy's retry waits 3 s, so what is handled before that is the re-sent copy.
+    s = replace(settings, retry_delays_s=(3.0,))
+    retrying, applied, duplicate = (
+        Processed("refund.created", o) for o in ("retrying", "applied", "duplicate")
+    )
+    async with recon(s) as stripe:
+        await stripe.post(early)
+        await wait_until(soon(retrying.grew), what="the refund to wait for its charge")
+        await stripe.post(early)
+        await wait_until(
+            soon(lambda: retrying.grew(2) or duplicate.grew()), what="the re-sent copy to be handled"
+        )
+        # Nothing is a duplicate of an application that has not happened yet.
+        assert duplicate.delta() == 0
+        await stripe.post(charge)
+        await stripe.settled(early, charge)
+        await wait_until(soon(duplicate.grew), what="the other copy to be handled", timeout_s=30)
+    assert (applied.delta(), duplicate.delta()) == (1, 1)
+    assert await outcome(s, early) == "applied"
     assert await ledger(settings, "ch_rule2r") == Counter(
         {("charge", 1000, "usd", "ch_rule2r"): 1, ("refund", -150, "usd", "re_rule2r"): 1}
     )
@@ -374,6 +398,7 @@ async def test_rule3_reversed_delivery_ends_in_the_same_ledger_and_statuses(
             outcomes.append(await read_outcome(s.database_url))
     finally:
         await servers.drop_database(other_db)
+        await release_queues(other)
     forward, backward = outcomes
     assert Counter(forward["ledger"]) == Counter(backward["ledger"])
     assert forward["balances"] == backward["balances"]

@@ -110,3 +110,17 @@ async def test_new_channel_after_reconnect_has_its_own_window() -> None:
     await acks.ack(fresh[1])
     assert new.frames == [("ack", 1, True), ("ack", 2, True)]
     assert old.frames == []
+
+
+async def test_out_of_order_registration_still_never_acks_an_unfinished_tag() -> None:
+    """Even if deliveries were registered out of tag order, a multiple ack never covers a lower
+    unfinished tag."""
+    channel = FakeChannel()
+    acks = Acks(max_held=100)
+    m2, m1 = FakeMessage(2, channel), FakeMessage(1, channel)
+    acks.delivered(m2)  # type: ignore[arg-type]
+    acks.delivered(m1)  # type: ignore[arg-type]
+    await acks.ack(m2)
+    assert channel.frames == []
+    await acks.ack(m1)
+    assert channel.frames == [("ack", 2, True)]

@@ -13,6 +13,7 @@ would hold back the acks behind it and, with them, the prefetch window: once mor
 
 from __future__ import annotations
 
+import bisect
 import collections
 from typing import Any
 
@@ -34,7 +35,8 @@ class AckWindow:
         self._settled: set[int] = set()  # finished and already acked or nacked on their own
 
     def delivered(self, message: AbstractIncomingMessage) -> None:
-        self._outstanding.append(_tag(message))
+        # Sorted even if callbacks ever ran out of order: a multiple ack covers every lower tag.
+        bisect.insort(self._outstanding, _tag(message))
 
     @property
     def held(self) -> int:

@@ -467,13 +467,17 @@ def _stream(events: int, tag: str) -> event_stream.Stream:
 
 async def _prepared(tag: str, events: int) -> tuple[Isolated, event_stream.Stream]:
     env = Isolated(f"recon_bench_{tag}_{uuid.uuid4().hex[:8]}")
-    await env.create()
-    stream = _stream(events, tag)
-    con = await asyncpg.connect(env.database_url)
     try:
-        await event_stream.seed(con, stream.payments)
-    finally:
-        await con.close()
+        await env.create()
+        stream = _stream(events, tag)
+        con = await asyncpg.connect(env.database_url)
+        try:
+            await event_stream.seed(con, stream.payments)
+        finally:
+            await con.close()
+    except BaseException:
+        await env.drop()  # a half-made environment (e.g. the vhost timed out) is not left behind
+        raise
     return env, stream
 
 

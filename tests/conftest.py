@@ -41,7 +41,9 @@ async def database_url(pg_template: str) -> AsyncIterator[str]:
 @pytest_asyncio.fixture
 async def amqp_url() -> AsyncIterator[str]:
     """A RabbitMQ vhost of this test's own (deleted with the session)."""
-    yield servers.amqp_url(await _vhosts.take())
+    vhost = await _vhosts.take()
+    yield servers.amqp_url(vhost)
+    _vhosts.release(vhost)
 
 
 def free_port() -> int:

@@ -54,27 +54,36 @@ def _erl_binaries(names: list[str]) -> str:
 
 
 class VhostPool:
-    """rabbitmqctl costs ~0.6 s a call, so vhosts are made in batches; none is ever reused."""
+    """Fresh vhosts for tests, made in batches (rabbitmqctl costs ~0.6 s a call); none is reused.
+
+    Each vhost holds two quorum queues, i.e. Ra servers: left alive for the whole session, a
+    few hundred of them slow the node down until adding one more vhost takes seconds. So the
+    vhosts of finished tests are deleted in the same CLI call that makes the next batch.
+    """
 
     BATCH = 24
 
     def __init__(self) -> None:
         self._free: list[str] = []
-        self._made: list[str] = []
+        self._live: set[str] = set()
+        self._finished: list[str] = []
         self._counter = 0
         self._lock = asyncio.Lock()
 
     def _make_batch(self) -> None:
         names = [f"recon-test-{RUN_TAG}-{self._counter + i}" for i in range(self.BATCH)]
         self._counter += self.BATCH
+        finished, self._finished = self._finished, []
         expr = (
+            f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(finished)}], '
             f'[begin rabbit_vhost:add(V, <<"recon-tests">>), '
             f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, V, <<".*">>, <<".*">>, '
             f'<<".*">>, <<"recon-tests">>) end || V <- {_erl_binaries(names)}], ok.'
         )
         _rabbitmqctl_eval(expr)
+        self._live.difference_update(finished)
         self._free.extend(names)
-        self._made.extend(names)
+        self._live.update(names)
 
     async def take(self) -> str:
         async with self._lock:
@@ -82,11 +91,16 @@ class VhostPool:
                 await asyncio.to_thread(self._make_batch)
             return self._free.pop(0)
 
+    def release(self, name: str) -> None:
+        """The test that had ``name`` is over: delete it with the next batch (or at the end)."""
+        self._finished.append(name)
+
     def delete_all(self) -> None:
-        if self._made:
-            expr = f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(self._made)}], ok.'
-            subprocess.run(["rabbitmqctl", "-q", "eval", expr], capture_output=True, timeout=120)
-            self._made.clear()
+        if self._live:
+            names = _erl_binaries(sorted(self._live))
+            expr = f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {names}], ok.'
+            subprocess.run(["rabbitmqctl", "-q", "eval", expr], capture_output=True, timeout=300)
+            self._live.clear()
 
 
 @retry(

@@ -57,5 +57,7 @@ def configure_logging(log_format: str = "json", log_level: str = "info") -> None
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=_stdout_logger,
-        cache_logger_on_first_use=True,
+        # No caching: a logger cached before a later configure() (tests, `recon` called in-process)
+        # would keep the old processors, and structlog.testing.capture_logs would miss its lines.
+        cache_logger_on_first_use=False,
     )

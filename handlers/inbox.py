@@ -8,7 +8,7 @@ from datetime import datetime
 import asyncpg
 
 from handlers.event import AppliedEvent
-from handlers.matching import Payment
+from handlers.matching import PAYMENT_LOCK, Payment
 
 # Outcomes after which the event's effect is complete: a later delivery is a duplicate.
 # `dead_lettered` is final for the broker but not for the effect: a replay applies the event.
@@ -20,7 +20,8 @@ EFFECT_FINAL = frozenset({"applied", "duplicate", "stale", "unmatched", "mismatc
 #
 # One round trip claims the inbox row and locks the matching payment (a duplicate locks it too,
 # harmlessly: the lock is released with the transaction and a duplicate does nothing else).
-_CLAIM_AND_LOCK = """
+# Composed from constants only (no input reaches the text): the lock is matching.PAYMENT_LOCK.
+_CLAIM_AND_LOCK = f"""
 with claimed as (
     insert into recon.event_inbox as i (event_id, type, created, first_seen_at, outcome, attempts)
     values ($3, $4, $5, $6, 'retrying', 1)
@@ -29,24 +30,11 @@ with claimed as (
             first_seen_at = least(i.first_seen_at, excluded.first_seen_at)
     returning outcome, first_seen_at, (xmax = 0) as inserted
 ), payment as (
-    -- the same lock as matching._LOCK
-    select p.id, p.order_id, p.invoice_id, p.currency, p.amount, p.amount_captured,
-           p.amount_refunded, p.charge_booked, p.disputed, p.status, p.created_by_worker,
-           p.stripe_charge_id, p.recorded_at, p.snapshot_created, p.snapshot_rank,
-           p.snapshot_event_id, o.number as order_number, o.status as order_status,
-           i.number as invoice_number, i.payment_link_status as invoice_status
-    from recon.payments p
-    left join recon.orders o on o.id = p.order_id
-    left join recon.invoices i on i.id = p.invoice_id
-    where p.stripe_charge_id = $1 or p.stripe_payment_intent_id = $2
-    order by (p.stripe_charge_id is not distinct from $1) desc
-    limit 1
-    for update of p
-)
+{PAYMENT_LOCK})
 select c.outcome as inbox_outcome, c.first_seen_at as inbox_first_seen_at,
        c.inserted as inbox_inserted, payment.*
 from claimed c left join payment on true
-"""
+"""  # noqa: S608
 
 
 

@@ -17,8 +17,8 @@ import asyncpg
 from handlers.payloads import TERMINAL_METHOD_TYPES, ChargeRef, currency_of, stripe_id
 
 # Charge id first, then payment intent. ``for update of p``: the payment row is the lock that
-# serializes the events of one charge. inbox._CLAIM_AND_LOCK repeats this lock with the same columns.
-_LOCK = """
+# serializes the events of one charge. inbox._CLAIM_AND_LOCK embeds this same query.
+PAYMENT_LOCK = """
 select p.id, p.order_id, p.invoice_id, p.currency, p.amount, p.amount_captured, p.amount_refunded,
        p.charge_booked, p.disputed, p.status, p.created_by_worker, p.stripe_charge_id,
        p.recorded_at, p.snapshot_created, p.snapshot_rank, p.snapshot_event_id,
@@ -101,7 +101,7 @@ class OwnerCurrencyMismatch:
 async def lock_payment(con: asyncpg.Connection, ref: ChargeRef) -> Payment | None:
     if ref.charge_id is None and ref.payment_intent_id is None:
         return None
-    row = await con.fetchrow(_LOCK, ref.charge_id, ref.payment_intent_id)
+    row = await con.fetchrow(PAYMENT_LOCK, ref.charge_id, ref.payment_intent_id)
     return Payment.from_record(row) if row is not None else None
 
 

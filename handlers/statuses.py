@@ -24,9 +24,9 @@ _INVOICE_STATUS = {"paid": "paid", "partially_refunded": "partially_refunded", "
 # The last statement of every event, in one round trip: the worker's payment fields (when $19 says
 # they changed), the order's or invoice's status and disputed flag (a rejected order keeps its
 # status; the row is written only when one of them moves, so an order shared by payments in
-# different worker lanes is locked as rarely as possible), the status_changed audit rows, and the event's inbox outcome — processed_at set when it
-# is final, null while retrying. A final outcome also resolves the event's open dead_lettered
-# exception: the event was replayed and has now applied.
+# different worker lanes is locked as rarely as possible), the status_changed audit rows, and the
+# event's inbox outcome — processed_at set when it is final, null while retrying. A final outcome
+# also resolves the event's open dead_lettered exception: the event was replayed and has now applied.
 _FINISH = """
 with payment as (
     update recon.payments

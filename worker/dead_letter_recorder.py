@@ -17,11 +17,10 @@ import asyncpg
 import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from worker import topology
 from worker.deliveries import UNKNOWN, header_int
-from worker.runner import Rules, is_transient_db_error
+from worker.runner import Rules, retrying_transient_db_errors
 from worker.verdicts import finish_message, one_line
 
 if TYPE_CHECKING:
@@ -102,12 +101,7 @@ class DeadLetterRecorder:
     async def _record(self, message: AbstractIncomingMessage) -> None:
         dead = dead_letter_from(message, self._delivery_limit)
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient_db_error),
-                stop=stop_after_delay(RECORD_RETRY_FOR_S),
-                wait=wait_exponential(multiplier=0.05, max=2.0),
-                reraise=True,
-            ):
+            async for attempt in retrying_transient_db_errors(RECORD_RETRY_FOR_S):
                 with attempt:
                     async with self._pool.acquire() as con, con.transaction():
                         await self._rules.record_dead_letter(con, dead)

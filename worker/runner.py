@@ -87,6 +87,16 @@ class EventFailed(Exception):
         self.error = error
 
 
+def retrying_transient_db_errors(for_s: float) -> AsyncRetrying:
+    """The one retry policy for database trouble that says nothing about the event (tenacity)."""
+    return AsyncRetrying(
+        retry=retry_if_exception(is_transient_db_error),
+        stop=stop_after_delay(for_s),
+        wait=wait_exponential(multiplier=0.05, max=2.0),
+        reraise=True,
+    )
+
+
 class NoConnection(Exception):
     """The pool could not hand out a connection (server down, refused, misconfigured)."""
 
@@ -242,12 +252,7 @@ class BatchRunner:
 
     async def _transaction_retrying(self, todo: list[Planned], *, isolate: bool) -> list[Verdict]:
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(is_transient_db_error),
-                stop=stop_after_delay(DB_RETRY_FOR_S),
-                wait=wait_exponential(multiplier=0.05, max=2.0),
-                reraise=True,
-            ):
+            async for attempt in retrying_transient_db_errors(DB_RETRY_FOR_S):
                 with attempt:
                     return await self._transaction(todo, isolate)
         except Exception as exc:

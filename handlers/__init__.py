@@ -4,10 +4,12 @@ The seam with the consumer runtime (worker/consumer.py) is this module:
 
 * ``refund_fetch_needed(event)`` — pure; the charge id whose refunds the runtime must fetch from
   the Stripe API *before* opening the transaction (a slow call must not hold a row lock), or None.
-* ``apply_event(con, delivery, policy)`` — runs inside a transaction or savepoint the runtime
-  opened; does everything in the database for one event (inbox, matching and locking the payment,
-  bookings, statuses, disputes, audit, exceptions) and returns a ``Result``. It never publishes,
-  sleeps or calls HTTP. Safe to run twice for the same event.
+* ``apply_events(con, deliveries, policy)`` — runs inside a transaction or savepoint the runtime
+  opened; does everything in the database for the events, in order (inbox, matching and locking
+  payments, bookings, statuses, disputes, audit, exceptions) and returns a ``Result`` for each. If
+  any event raises, nothing of the call may be kept: the runtime rolls back and runs the events
+  again one per savepoint. It never publishes, sleeps or calls HTTP. Safe to run twice for the
+  same event. ``apply_event(con, delivery, policy)`` is the same for one event.
 * ``record_dead_letter(con, dead)`` — records a message that reached the dead-letter queue
   (by the worker giving up or by RabbitMQ's delivery limit): inbox outcome ``dead_lettered``,
   a ``dead_lettered`` exception, an ``event_dead_lettered`` audit row, and the raw body so
@@ -63,7 +65,7 @@ class DeadLetter:
     first_seen_at: datetime
 
 
-from handlers.dispatch import apply_event, record_dead_letter, refund_fetch_needed  # noqa: E402
+from handlers.dispatch import apply_event, apply_events, record_dead_letter, refund_fetch_needed  # noqa: E402
 
 __all__ = [
     "DeadLetter",
@@ -73,6 +75,7 @@ __all__ = [
     "Result",
     "RetryReason",
     "apply_event",
+    "apply_events",
     "record_dead_letter",
     "refund_fetch_needed",
 ]

@@ -18,7 +18,7 @@ from datetime import datetime
 
 import asyncpg
 
-from handlers.bookings import Entry, book
+from handlers.bookings import Entry
 from handlers.event import AppliedEvent, Step
 from handlers.matching import Payment
 from handlers.payloads import captured_amount, timestamp
@@ -80,15 +80,16 @@ def _charge_entry(applied: AppliedEvent, payment: Payment) -> Entry | None:
     return Entry("charge", f"payment:{payment.id}", amount, payment.currency, occurred_at, object_id)
 
 
-async def observe(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> None:
-    """For every matched event: note what it shows of the charge; book the charge row if due."""
+def observe(applied: AppliedEvent, payment: Payment) -> None:
+    """For every matched event: note what it shows of the charge; book the charge row if due
+    (with the batch's last statement: under the payment's lock, nothing else books it)."""
     _note_charge(applied, payment)
     if payment.charge_booked:
         return
     entry = _charge_entry(applied, payment)
     if entry is None:
         return
-    await book(con, entry, payment_id=payment.id, event_id=applied.event_id, action=None)
+    applied.batch.book_charge(entry, payment.id, applied.event_id)
     # The status_changed audit row (pending → paid) that follows records the booking.
     payment.charge_booked = True
     applied.changed = True

@@ -1,13 +1,16 @@
-"""apply_event: one event, inside the transaction or savepoint the runtime opened (CONTRACT §7).
+"""apply_events: a batch of events, inside the transaction or savepoint the runtime opened (§7).
 
-Inbox claim → match and lock the payment → currency check → the charge row if due → the event
-family's handler (charges, refunds, disputes) → statuses → inbox outcome. Never publishes, sleeps
-or calls HTTP; safe to run twice for the same event (the inbox and the bookings' unique keys).
+Inbox claims and payment locks for the whole batch (two round trips) → per event, in delivery
+order: match the payment → currency check → the charge row if due → the event family's handler
+(charges, refunds, disputes) → statuses → inbox outcome → the batch's writes in one statement
+(handlers/batch.py). A batch holding one event id twice applies it in rounds, each id once per
+round, so the second delivery sees the first one's outcome exactly as in a later transaction.
+Never publishes, sleeps or calls HTTP; safe to run twice (the inbox and the bookings' unique keys).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -15,12 +18,19 @@ import asyncpg
 from handlers import Delivery, Outcome, Policy, Result
 from handlers import dead_letters as _dead_letters
 from handlers.audit import audit
+from handlers.batch import Batch
 from handlers.charges import observe, on_charge_event
 from handlers.disputes import on_dispute_event
 from handlers.event import AppliedEvent, Step
 from handlers.finance_exceptions import raise_exception
-from handlers.inbox import claim_and_lock
-from handlers.matching import OwnerCurrencyMismatch, Payment, create_from_metadata
+from handlers.inbox import Claim, claim
+from handlers.matching import (
+    OwnerCurrencyMismatch,
+    Payment,
+    create_from_metadata,
+    lock_payment,
+    lock_payments,
+)
 from handlers.payloads import (
     currency_of,
     embedded_list_complete,
@@ -97,7 +107,7 @@ def _result(
 async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
     """Nothing matches the charge: retry until the policy's deadline, then raise an exception."""
     if applied.may_retry:
-        await finish(con, applied, "retrying")
+        finish(applied, "retrying")
         return Result(
             "retrying", retry_reason="unmatched_charge", stripe_object_id=applied.object_id
         )
@@ -112,7 +122,7 @@ async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
     await audit(
         con, "event_unmatched", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    await finish(con, applied, "unmatched")
+    finish(applied, "unmatched")
     return Result("unmatched", stripe_object_id=applied.object_id, detail=detail)
 
 
@@ -123,7 +133,7 @@ async def _currency_mismatch(
     await raise_exception(
         con, "currency_mismatch", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    await finish(con, applied, "mismatch")
+    finish(applied, "mismatch")
     return Result(
         "mismatch",
         stripe_object_id=applied.object_id,
@@ -137,28 +147,62 @@ async def _apply_to_payment(
     con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
 ) -> Result:
     before = payment.copy()
-    await observe(con, applied, payment)
+    observe(applied, payment)
     step = await FAMILY_HANDLERS[applied.type](con, applied, payment)
     write = plan(applied, before, payment)
     outcome: Outcome = step.outcome
     if outcome == "applied" and not applied.changed:
         outcome = "stale"  # an older or repeated snapshot: nothing newer than what is stored
-    await finish(con, applied, outcome, payment, write)
+    finish(applied, outcome, payment, write)
     return _result(applied, outcome, payment, step)
 
 
+async def apply_events(
+    con: asyncpg.Connection, deliveries: Sequence[Delivery], policy: Policy
+) -> list[Result]:
+    """Apply ``deliveries`` in order inside the caller's transaction; one Result each."""
+    results: dict[int, Result] = {}
+    for round_ in _rounds(deliveries):
+        batch = Batch()
+        events = [AppliedEvent.from_delivery(deliveries[i], policy, batch) for i in round_]
+        for applied in events:
+            if applied.type not in FAMILY_HANDLERS:
+                raise UnhandledEventType(f"event type {applied.type!r} is not handled")
+        claims = await claim(con, events)
+        due = [applied for applied in events if not claims[applied.event_id].already_final]
+        await lock_payments(con, (applied.ref for applied in due), batch.payments)
+        for i, applied in zip(round_, events, strict=True):
+            results[i] = await _apply_claimed(con, applied, claims[applied.event_id])
+        await batch.flush(con)
+    return [results[i] for i in range(len(deliveries))]
+
+
 async def apply_event(con: asyncpg.Connection, delivery: Delivery, policy: Policy) -> Result:
-    """Apply one event inside the caller's transaction; see the module docstring."""
-    applied = AppliedEvent.from_delivery(delivery, policy)
-    if applied.type not in FAMILY_HANDLERS:
-        raise UnhandledEventType(f"event type {applied.type!r} is not handled")
-    inbox_claim, payment = await claim_and_lock(con, applied)
+    """One event: a batch of one."""
+    return (await apply_events(con, [delivery], policy))[0]
+
+
+def _rounds(deliveries: Sequence[Delivery]) -> list[list[int]]:
+    """Indexes of ``deliveries`` in rounds: the n-th delivery of an event id goes in round n."""
+    rounds: list[list[int]] = []
+    seen: dict[str, int] = {}
+    for i, delivery in enumerate(deliveries):
+        event_id = str(delivery.event["id"])
+        n = seen[event_id] = seen.get(event_id, -1) + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(i)
+    return rounds
+
+
+async def _apply_claimed(con: asyncpg.Connection, applied: AppliedEvent, inbox_claim: Claim) -> Result:
     if inbox_claim.already_final:
-        return _result(applied, "duplicate", payment)
+        return _result(applied, "duplicate")
     applied.first_seen_at = inbox_claim.first_seen_at
+    payment = await lock_payment(con, applied.ref, applied.batch.payments)
     match: Payment | OwnerCurrencyMismatch | None = payment
     if match is None and applied.ref.charge is not None:
-        match = await create_from_metadata(con, applied.ref.charge)
+        match = await create_from_metadata(con, applied.ref.charge, applied.batch.payments)
     if match is None:
         return await _unmatched(con, applied)
     if isinstance(match, OwnerCurrencyMismatch):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from handlers import Delivery, Policy
 from handlers.payloads import ChargeRef, charge_ref, stripe_id, timestamp
+
+if TYPE_CHECKING:
+    from handlers.batch import Batch
 
 StepOutcome = Literal["applied", "retrying", "mismatch"]
 
@@ -16,6 +19,7 @@ StepOutcome = Literal["applied", "retrying", "mismatch"]
 class AppliedEvent:
     delivery: Delivery
     policy: Policy
+    batch: Batch  # the transaction's locked payments and end-of-batch writes
     event_id: str
     type: str
     created: datetime
@@ -27,11 +31,12 @@ class AppliedEvent:
     changed: bool = False
 
     @classmethod
-    def from_delivery(cls, delivery: Delivery, policy: Policy) -> AppliedEvent:
+    def from_delivery(cls, delivery: Delivery, policy: Policy, batch: Batch) -> AppliedEvent:
         event = delivery.event
         return cls(
             delivery=delivery,
             policy=policy,
+            batch=batch,
             event_id=str(event["id"]),
             type=str(event["type"]),
             created=timestamp(int(event["created"])),

@@ -2,41 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
 from handlers.event import AppliedEvent
-from handlers.matching import PAYMENT_LOCK, Payment
 
 # Outcomes after which the event's effect is complete: a later delivery is a duplicate.
 # `dead_lettered` is final for the broker but not for the effect: a replay applies the event.
 EFFECT_FINAL = frozenset({"applied", "duplicate", "stale", "unmatched", "mismatch"})
 
-# The insert takes the row lock on conflict too, so two deliveries of one event serialize here and
-# the second sees the first one's outcome. The placeholder outcome 'retrying' is only ever seen by
-# others if the transaction commits that way.
-#
-# One round trip claims the inbox row and locks the matching payment (a duplicate locks it too,
-# harmlessly: the lock is released with the transaction and a duplicate does nothing else).
-# Composed from constants only (no input reaches the text): the lock is matching.PAYMENT_LOCK.
-_CLAIM_AND_LOCK = f"""
-with claimed as (
-    insert into recon.event_inbox as i (event_id, type, created, first_seen_at, outcome, attempts)
-    values ($3, $4, $5, $6, 'retrying', 1)
-    on conflict (event_id) do update
-        set attempts = i.attempts + case when i.outcome = any($7::text[]) then 0 else 1 end,
-            first_seen_at = least(i.first_seen_at, excluded.first_seen_at)
-    returning outcome, first_seen_at, (xmax = 0) as inserted
-), payment as (
-{PAYMENT_LOCK})
-select c.outcome as inbox_outcome, c.first_seen_at as inbox_first_seen_at,
-       c.inserted as inbox_inserted, payment.*
-from claimed c left join payment on true
-"""  # noqa: S608
+# One round trip claims the inbox rows of a batch's events (each event id at most once). The
+# insert takes the row lock on conflict too, so two deliveries of one event serialize here and the
+# second sees the first one's outcome; rows are claimed in event id order, so two batches sharing
+# events wait for each other instead of deadlocking. The placeholder outcome 'retrying' is only
+# ever seen by others if the transaction commits that way.
+_CLAIM = """
+insert into recon.event_inbox as i (event_id, type, created, first_seen_at, outcome, attempts)
+select e.event_id, e.type, e.created, e.first_seen_at, 'retrying', 1
+from unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[])
+     as e(event_id, type, created, first_seen_at)
+order by e.event_id
+on conflict (event_id) do update
+    set attempts = i.attempts + case when i.outcome = any($5::text[]) then 0 else 1 end,
+        first_seen_at = least(i.first_seen_at, excluded.first_seen_at)
+returning i.event_id, i.outcome, i.first_seen_at, (i.xmax = 0) as inserted
+"""
 
-
+_EFFECT_FINAL = sorted(EFFECT_FINAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +44,17 @@ class Claim:
         return self.prior_outcome in EFFECT_FINAL
 
 
-async def claim_and_lock(
-    con: asyncpg.Connection, applied: AppliedEvent
-) -> tuple[Claim, Payment | None]:
-    """Upsert the inbox row and lock the payment the event's charge matches (if any)."""
-    row = await con.fetchrow(
-        _CLAIM_AND_LOCK,
-        applied.ref.charge_id,
-        applied.ref.payment_intent_id,
-        applied.event_id,
-        applied.type,
-        applied.created,
-        applied.delivery.first_seen_at,
-        list(EFFECT_FINAL),
+async def claim(con: asyncpg.Connection, events: Sequence[AppliedEvent]) -> dict[str, Claim]:
+    """Upsert the inbox rows of ``events`` (distinct ids): event id -> what the inbox said."""
+    rows = await con.fetch(
+        _CLAIM,
+        [e.event_id for e in events],
+        [e.type for e in events],
+        [e.created for e in events],
+        [e.delivery.first_seen_at for e in events],
+        _EFFECT_FINAL,
     )
-    assert row is not None
-    claim = Claim(
-        None if row["inbox_inserted"] else row["inbox_outcome"], row["inbox_first_seen_at"]
-    )
-    return claim, Payment.from_record(row) if row["id"] is not None else None
-
-
+    return {
+        row["event_id"]: Claim(None if row["inserted"] else row["outcome"], row["first_seen_at"])
+        for row in rows
+    }

@@ -8,6 +8,7 @@ events of one charge serialize across worker processes while other charges run i
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
@@ -16,22 +17,38 @@ import asyncpg
 
 from handlers.payloads import TERMINAL_METHOD_TYPES, ChargeRef, currency_of, stripe_id
 
-# Charge id first, then payment intent. ``for update of p``: the payment row is the lock that
-# serializes the events of one charge. inbox._CLAIM_AND_LOCK embeds this same query.
-PAYMENT_LOCK = """
+_PAYMENT_SELECT = """
 select p.id, p.order_id, p.invoice_id, p.currency, p.amount, p.amount_captured, p.amount_refunded,
        p.charge_booked, p.disputed, p.status, p.created_by_worker, p.stripe_charge_id,
-       p.recorded_at, p.snapshot_created, p.snapshot_rank, p.snapshot_event_id,
+       p.stripe_payment_intent_id, p.recorded_at, p.snapshot_created, p.snapshot_rank,
+       p.snapshot_event_id,
        o.number as order_number, o.status as order_status,
        i.number as invoice_number, i.payment_link_status as invoice_status
 from recon.payments p
 left join recon.orders o on o.id = p.order_id
 left join recon.invoices i on i.id = p.invoice_id
-where p.stripe_charge_id = $1 or p.stripe_payment_intent_id = $2
+"""
+
+# Charge id first, then payment intent. ``for update of p``: the payment row is the lock that
+# serializes the events of one charge.
+PAYMENT_LOCK = (
+    _PAYMENT_SELECT
+    + """where p.stripe_charge_id = $1 or p.stripe_payment_intent_id = $2
 order by (p.stripe_charge_id is not distinct from $1) desc
 limit 1
 for update of p
 """
+)
+
+# Every payment any event of a batch may match, locked in id order (two batches that share
+# payments then wait for each other instead of deadlocking).
+_PAYMENTS_LOCK = (
+    _PAYMENT_SELECT
+    + """where p.stripe_charge_id = any($1::text[]) or p.stripe_payment_intent_id = any($2::text[])
+order by p.id
+for update of p
+"""
+)
 
 _OWNER = """
 select 'order' as kind, id, currency from recon.orders where number = $1
@@ -52,7 +69,7 @@ on conflict do nothing
 
 @dataclass(slots=True)
 class Payment:
-    """The locked payment row. Handlers change the worker fields; statuses.persist writes them."""
+    """The locked payment row. Handlers change the worker fields; the batch writes them (batch.py)."""
 
     id: int
     order_id: int | None
@@ -66,6 +83,7 @@ class Payment:
     status: str
     created_by_worker: bool
     stripe_charge_id: str | None
+    stripe_payment_intent_id: str | None
     recorded_at: datetime
     snapshot_created: datetime | None
     snapshot_rank: int | None
@@ -98,11 +116,50 @@ class OwnerCurrencyMismatch:
     charge_currency: str | None
 
 
-async def lock_payment(con: asyncpg.Connection, ref: ChargeRef) -> Payment | None:
-    if ref.charge_id is None and ref.payment_intent_id is None:
-        return None
+class LockedPayments:
+    """The payments this transaction holds locked, one object per row, so that every event of a
+    batch sees (and changes) what the events before it left; the batch writes them at its end."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, Payment] = {}
+
+    def add(self, payment: Payment) -> Payment:
+        """The batch's object for this row: ``payment`` unless the row is held already."""
+        return self._by_id.setdefault(payment.id, payment)
+
+    def __iter__(self) -> Iterator[Payment]:
+        return iter(self._by_id.values())
+
+    def match(self, ref: ChargeRef) -> Payment | None:
+        """As PAYMENT_LOCK matches: by charge id, else by payment intent."""
+        by_intent = None
+        charge_id, intent_id = ref.charge_id, ref.payment_intent_id
+        for payment in self._by_id.values():
+            if charge_id is not None and payment.stripe_charge_id == charge_id:
+                return payment
+            if intent_id is not None and payment.stripe_payment_intent_id == intent_id:
+                by_intent = by_intent or payment
+        return by_intent
+
+
+async def lock_payments(con: asyncpg.Connection, refs: Iterable[ChargeRef], locked: LockedPayments) -> None:
+    """Lock every payment the refs may match, all in one round trip, into ``locked``."""
+    refs = list(refs)
+    charge_ids = sorted({ref.charge_id for ref in refs if ref.charge_id is not None})
+    intent_ids = sorted({ref.payment_intent_id for ref in refs if ref.payment_intent_id is not None})
+    if not charge_ids and not intent_ids:
+        return
+    for row in await con.fetch(_PAYMENTS_LOCK, charge_ids, intent_ids):
+        locked.add(Payment.from_record(row))
+
+
+async def lock_payment(con: asyncpg.Connection, ref: ChargeRef, locked: LockedPayments) -> Payment | None:
+    """The payment ``ref`` matches: one the batch holds, else one locked now (created since)."""
+    found = locked.match(ref)
+    if found is not None or (ref.charge_id is None and ref.payment_intent_id is None):
+        return found
     row = await con.fetchrow(PAYMENT_LOCK, ref.charge_id, ref.payment_intent_id)
-    return Payment.from_record(row) if row is not None else None
+    return locked.add(Payment.from_record(row)) if row is not None else None
 
 
 def _method(charge: dict[str, Any], owner_kind: str) -> str:
@@ -126,7 +183,7 @@ async def _owner(con: asyncpg.Connection, charge: dict[str, Any]) -> asyncpg.Rec
 
 
 async def create_from_metadata(
-    con: asyncpg.Connection, charge: dict[str, Any]
+    con: asyncpg.Connection, charge: dict[str, Any], locked: LockedPayments
 ) -> Payment | OwnerCurrencyMismatch | None:
     """Create (race-safely) and lock a payment for a charge whose metadata names an order/invoice."""
     owner = await _owner(con, charge)
@@ -150,4 +207,4 @@ async def create_from_metadata(
         currency,
         int(charge["amount"]),
     )
-    return await lock_payment(con, ChargeRef(charge_id, intent_id, charge))
+    return await lock_payment(con, ChargeRef(charge_id, intent_id, charge), locked)

@@ -117,7 +117,10 @@ class FakeRules:
     fetch_for: Callable[[dict[str, Any]], str | None] = lambda _event: None
 
     def rules(self) -> Rules:
-        return Rules(self.apply_event, self.record_dead_letter, self.fetch_for)
+        return Rules(self.apply_events, self.record_dead_letter, self.fetch_for)
+
+    async def apply_events(self, con: asyncpg.Connection, deliveries: Any, policy: Any) -> list[Any]:
+        return [await self.apply_event(con, delivery, policy) for delivery in deliveries]
 
     async def apply_event(self, con: asyncpg.Connection, delivery: Any, policy: Any) -> Any:
         from handlers import Result

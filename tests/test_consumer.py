@@ -73,13 +73,13 @@ async def test_retrying_outcome_goes_through_a_wait_queue(
 
     fake.behaviour["evt_wait_1"] = not_yet_on_first
     seen: list[Any] = []
-    original = fake.apply_event
+    original = fake.apply_events
 
-    async def spy(con: Any, delivery: Any, policy: Any) -> Any:
-        seen.append(delivery)
-        return await original(con, delivery, policy)
+    async def spy(con: Any, deliveries: Any, policy: Any) -> Any:
+        seen.extend(deliveries)
+        return await original(con, deliveries, policy)
 
-    rules = dataclasses.replace(fake.rules(), apply_event=spy)
+    rules = dataclasses.replace(fake.rules(), apply_events=spy)
     async with feeder(amqp_url, settings) as feed, consumer_running(settings, rules):
         await feed.event(event("evt_wait_1"), headers={topology.HEADER_FIRST_SEEN_MS: 1_700_000_000_000})
         await wait_until(lambda: applied(settings), what="event applied on its second attempt")

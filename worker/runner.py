@@ -38,7 +38,7 @@ log = structlog.get_logger("worker.consumer")
 # wait queue (not failed: an outage is nobody's fault, and must not dead-letter healthy events).
 DB_RETRY_FOR_S = 20.0
 
-ApplyEvent = Callable[[asyncpg.Connection, "Delivery", "Policy"], Awaitable["Result"]]
+ApplyEvents = Callable[[asyncpg.Connection, Sequence["Delivery"], "Policy"], Awaitable[list["Result"]]]
 RecordDeadLetter = Callable[[asyncpg.Connection, "DeadLetter"], Awaitable[None]]
 RefundFetchNeeded = Callable[[dict[str, Any]], "str | None"]
 Fetched = list[dict[str, Any]] | RefundFetchFailed
@@ -48,7 +48,7 @@ Fetched = list[dict[str, Any]] | RefundFetchFailed
 class Rules:
     """The reconciliation rules the runtime calls (handlers/__init__.py); tests inject their own."""
 
-    apply_event: ApplyEvent
+    apply_events: ApplyEvents
     record_dead_letter: RecordDeadLetter
     refund_fetch_needed: RefundFetchNeeded
 
@@ -56,7 +56,7 @@ class Rules:
 def handlers_rules() -> Rules:
     import handlers
 
-    return Rules(handlers.apply_event, handlers.record_dead_letter, handlers.refund_fetch_needed)
+    return Rules(handlers.apply_events, handlers.record_dead_letter, handlers.refund_fetch_needed)
 
 
 _TRANSIENT_DB_ERRORS = (
@@ -232,11 +232,10 @@ class BatchRunner:
             await self._apply([entry])
 
     async def _apply_retrying(self, todo: list[Planned]) -> None:
-        """Savepoints only when needed: each costs two round trips, a third of an event's statements.
-
-        The batch first runs without them; if an event raises, the whole transaction rolls back
-        and the batch runs again with a savepoint per event, so the culprit fails alone and the
-        others commit — the same outcome as savepoints throughout, paid for only on failure.
+        """Savepoints only when needed: the batch first runs as one call to the rules (set-wise
+        claims, locks and writes); if an event raises, the whole transaction rolls back and the
+        batch runs again with a savepoint per event, so the culprit fails alone and the others
+        commit — the same outcome as savepoints throughout, paid for only on failure.
         """
         try:
             found = await self._transaction_retrying(todo, isolate=False)
@@ -262,7 +261,6 @@ class BatchRunner:
         raise AssertionError("unreachable: tenacity either returned or re-raised")
 
     async def _transaction(self, todo: list[Planned], isolate: bool) -> list[Verdict]:
-        found: list[Verdict] = []
         started = time.monotonic()
         try:
             con = await self._pool.acquire()
@@ -270,8 +268,10 @@ class BatchRunner:
             raise NoConnection(verdicts.one_line(exc)) from exc
         try:
             async with con.transaction():
-                for entry in todo:
-                    found.append(await self._apply_one(con, entry, isolate))
+                if isolate:
+                    found = [await self._apply_isolated(con, entry) for entry in todo]
+                else:
+                    found = await self._apply_together(con, todo)
         finally:
             await self._pool.release(con)
         log.debug(
@@ -282,7 +282,24 @@ class BatchRunner:
         )
         return found
 
-    async def _apply_one(self, con: asyncpg.Connection, entry: Planned, isolate: bool) -> Verdict:
+    async def _apply_together(self, con: asyncpg.Connection, todo: list[Planned]) -> list[Verdict]:
+        """The whole batch in one call to the rules: their claims, locks and writes are set-wise."""
+        deliveries = [entry.delivery for entry in todo if entry.delivery is not None]
+        assert len(deliveries) == len(todo)
+        try:
+            results = await self._rules.apply_events(con, deliveries, self._policy)
+        except Exception as exc:
+            if is_transient_db_error(exc) or con.is_closed():
+                raise
+            if len(todo) == 1:
+                log.warning("event_failed", event_id=todo[0].item.event_id, exc_info=True)
+            else:
+                log.info("batch_event_failed_isolating", size=len(todo), error=verdicts.one_line(exc))
+            raise EventFailed(exc) from exc  # roll the batch back; it reruns with savepoints
+        return [verdict_for(result) for result in results]
+
+    async def _apply_isolated(self, con: asyncpg.Connection, entry: Planned) -> Verdict:
+        """One event in its own savepoint inside the batch transaction: it fails alone."""
         assert entry.delivery is not None
         item = entry.item
         try:
@@ -290,17 +307,12 @@ class BatchRunner:
             with structlog.contextvars.bound_contextvars(
                 event_id=item.event_id, event_type=item.event_type, attempt=item.attempt
             ):
-                if isolate:
-                    async with con.transaction():  # a savepoint inside the batch transaction
-                        result = await self._rules.apply_event(con, entry.delivery, self._policy)
-                else:
-                    result = await self._rules.apply_event(con, entry.delivery, self._policy)
+                async with con.transaction():
+                    [result] = await self._rules.apply_events(con, [entry.delivery], self._policy)
         except Exception as exc:
             if is_transient_db_error(exc) or con.is_closed():
                 raise
             log.warning("event_failed", event_id=item.event_id, exc_info=True)
-            if not isolate:
-                raise EventFailed(exc) from exc  # roll the batch back; it reruns with savepoints
             return verdicts.failed(item, exc, self._settings)
         return verdict_for(result)
 

@@ -1,6 +1,7 @@
 """Ledger bookings: each (kind, source id) at most once, with its audit row in the same statement.
 
-Refunds and their reversals are booked by refunds._APPLY_REFUND together with the refund's status.
+Refunds and their reversals are booked by refunds._APPLY_REFUND together with the refund's status;
+the one `charge` row of a payment with the batch's last statement (batch.py).
 
 ``insert … on conflict do nothing returning``: only when a row comes back was anything booked, and
 only then is the audit row written. That makes every handler safe to run twice.
@@ -13,9 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-import asyncpg
-
 from handlers.audit import AuditAction
+from handlers.pipeline import Pipeline, Ticket
 
 LedgerKind = Literal[
     "charge",
@@ -39,10 +39,10 @@ with booked as (
            $10::jsonb || jsonb_build_object('entry_id', b.id, 'kind', $2::text, 'amount', b.amount,
                                             'currency', $5::text)
     from booked b
-    where $9::text is not null
 )
-select id from booked
+select (select id from booked) as id
 """
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -54,18 +54,17 @@ class Entry:
     stripe_object_id: str
 
 
-async def book(
-    con: asyncpg.Connection,
+def plan_booking(
+    pipeline: Pipeline,
     entry: Entry,
     *,
     payment_id: int,
     event_id: str,
-    action: AuditAction | None,
-    detail: dict[str, Any] | None = None,
-) -> bool:
-    """Book ``entry`` unless its (kind, source id) is booked already; True if this call booked it."""
-    entry_id = await con.fetchval(
-        _BOOK,
+    action: AuditAction,
+    detail: dict[str, Any],
+) -> Ticket:
+    """Book ``entry`` unless its (kind, source id) is booked already; see ``booked``."""
+    args = (
         entry.occurred_at,
         entry.kind,
         entry.source_id,
@@ -75,6 +74,11 @@ async def book(
         entry.stripe_object_id,
         event_id,
         action,
-        json.dumps(detail or {}),
+        json.dumps(detail),
     )
-    return entry_id is not None
+    return pipeline.add(_BOOK, args)
+
+
+def booked(pipeline: Pipeline, ticket: Ticket) -> bool:
+    """True if the planned booking booked its row (False: it was booked before)."""
+    return pipeline.row(ticket)["id"] is not None

@@ -19,9 +19,10 @@ from datetime import datetime
 import asyncpg
 
 from handlers.bookings import Entry
-from handlers.event import AppliedEvent, Step
+from handlers.event import AppliedEvent, Step, Then
 from handlers.matching import Payment
 from handlers.payloads import captured_amount, timestamp
+from handlers.pipeline import Pipeline
 
 # Lifecycle order of the charge events, to break same-second ties between charge snapshots.
 CHARGE_EVENT_RANK = {"charge.succeeded": 1, "charge.captured": 2, "charge.refunded": 3}
@@ -95,7 +96,11 @@ def observe(applied: AppliedEvent, payment: Payment) -> None:
     applied.changed = True
 
 
-async def on_charge_event(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> Step:
+def on_charge_event(applied: AppliedEvent, payment: Payment, _pipeline: Pipeline) -> Then:
     """charge.succeeded / charge.captured: everything is in observe(); record the snapshot."""
-    advance_snapshot(payment, applied)
-    return Step()
+
+    async def then(_con: asyncpg.Connection) -> Step:
+        advance_snapshot(payment, applied)
+        return Step()
+
+    return then

@@ -1,16 +1,18 @@
 """apply_events: a batch of events, inside the transaction or savepoint the runtime opened (§7).
 
 Inbox claims and payment locks for the whole batch (two round trips) → per event, in delivery
-order: match the payment → currency check → the charge row if due → the event family's handler
-(charges, refunds, disputes) → statuses → inbox outcome → the batch's writes in one statement
-(handlers/batch.py). A batch holding one event id twice applies it in rounds, each id once per
-round, so the second delivery sees the first one's outcome exactly as in a later transaction.
+order: match the payment → currency check → the event family's handler plans its statements →
+the planned statements of all events, pipelined (handlers/pipeline.py: one round trip per
+statement text) → per event, in delivery order: the charge row if due → the handler reads its rows
+and concludes → statuses → inbox outcome → the batch's writes in one statement (handlers/batch.py).
+A batch holding one event id twice applies it in rounds, each id once per round, so the second
+delivery sees the first one's outcome exactly as in a later transaction.
 Never publishes, sleeps or calls HTTP; safe to run twice (the inbox and the bookings' unique keys).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -21,9 +23,9 @@ from handlers.audit import audit
 from handlers.batch import Batch
 from handlers.charges import observe, on_charge_event
 from handlers.disputes import on_dispute_event
-from handlers.event import AppliedEvent, Step
+from handlers.event import AppliedEvent, Step, Then
 from handlers.finance_exceptions import raise_exception
-from handlers.inbox import Claim, claim
+from handlers.inbox import claim
 from handlers.matching import (
     OwnerCurrencyMismatch,
     Payment,
@@ -39,10 +41,12 @@ from handlers.payloads import (
     live_refund_total,
     stripe_id,
 )
+from handlers.pipeline import Pipeline
 from handlers.refunds import on_charge_refunded, on_refund_event
 from handlers.statuses import finish, plan
 
-FamilyHandler = Callable[[asyncpg.Connection, AppliedEvent, Payment], Awaitable[Step]]
+# Plans the event's statements into the pipeline; what it returns concludes once they have run.
+FamilyHandler = Callable[[AppliedEvent, Payment, Pipeline], Then]
 
 FAMILY_HANDLERS: dict[str, FamilyHandler] = {
     "charge.succeeded": on_charge_event,
@@ -143,12 +147,10 @@ async def _currency_mismatch(
     )
 
 
-async def _apply_to_payment(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
-) -> Result:
+async def _conclude(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, then: Then) -> Result:
     before = payment.copy()
     observe(applied, payment)
-    step = await FAMILY_HANDLERS[applied.type](con, applied, payment)
+    step = await then(con)
     write = plan(applied, before, payment)
     outcome: Outcome = step.outcome
     if outcome == "applied" and not applied.changed:
@@ -171,8 +173,22 @@ async def apply_events(
         claims = await claim(con, events)
         due = [applied for applied in events if not claims[applied.event_id].already_final]
         await lock_payments(con, (applied.ref for applied in due), batch.payments)
+        pipeline = Pipeline()
+        planned: list[tuple[int, AppliedEvent, Payment, Then]] = []
         for i, applied in zip(round_, events, strict=True):
-            results[i] = await _apply_claimed(con, applied, claims[applied.event_id])
+            inbox_claim = claims[applied.event_id]
+            if inbox_claim.already_final:
+                results[i] = _result(applied, "duplicate")
+                continue
+            applied.first_seen_at = inbox_claim.first_seen_at
+            match = await _match(con, applied)
+            if isinstance(match, Payment):
+                planned.append((i, applied, match, FAMILY_HANDLERS[applied.type](applied, match, pipeline)))
+            else:
+                results[i] = match
+        await pipeline.run(con)
+        for i, applied, payment, then in planned:
+            results[i] = await _conclude(con, applied, payment, then)
         await batch.flush(con)
     return [results[i] for i in range(len(deliveries))]
 
@@ -195,10 +211,12 @@ def _rounds(deliveries: Sequence[Delivery]) -> list[list[int]]:
     return rounds
 
 
-async def _apply_claimed(con: asyncpg.Connection, applied: AppliedEvent, inbox_claim: Claim) -> Result:
-    if inbox_claim.already_final:
-        return _result(applied, "duplicate")
-    applied.first_seen_at = inbox_claim.first_seen_at
+async def _match(con: asyncpg.Connection, applied: AppliedEvent) -> Payment | Result:
+    """The event's payment, or the outcome of an event that has none to apply to.
+
+    Nothing here reads what the planned statements of earlier events write: payments and owners
+    are written with the batch's end, and an event's payment is found in the batch's memory first.
+    """
     payment = await lock_payment(con, applied.ref, applied.batch.payments)
     match: Payment | OwnerCurrencyMismatch | None = payment
     if match is None and applied.ref.charge is not None:
@@ -217,4 +235,4 @@ async def _apply_claimed(con: asyncpg.Connection, applied: AppliedEvent, inbox_c
     if event_currency != match.currency:
         detail = {"payment_currency": match.currency, "event_currency": event_currency}
         return await _currency_mismatch(con, applied, detail, match)
-    return await _apply_to_payment(con, applied, match)
+    return match

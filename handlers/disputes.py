@@ -13,10 +13,11 @@ from typing import Any
 import asyncpg
 
 from handlers.audit import AuditAction
-from handlers.bookings import Entry, book
-from handlers.event import AppliedEvent, Step
+from handlers.bookings import Entry, booked, plan_booking
+from handlers.event import AppliedEvent, Step, Then
 from handlers.matching import Payment
 from handlers.payloads import currency_of, stripe_id, timestamp
+from handlers.pipeline import Pipeline, Ticket
 
 CLOSED_STATUSES = ("won", "lost", "warning_closed", "prevented")
 DISPUTE_STATUS_RANK = {
@@ -69,15 +70,14 @@ select (select status from saved) as saved_status, (select status from old) as o
 """
 
 
-async def _record(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, dispute: dict[str, Any]
-) -> bool:
-    """Save the dispute snapshot; True when the payment has an open dispute afterwards."""
+def _plan_record(
+    pipeline: Pipeline, applied: AppliedEvent, payment: Payment, dispute: dict[str, Any]
+) -> Ticket:
+    """Save the dispute snapshot; its row says whether the payment has an open dispute (``_open``)."""
     status = str(dispute["status"])
     evidence = dispute.get("evidence_details")
     due_by = evidence.get("due_by") if isinstance(evidence, dict) else None
-    row = await con.fetchrow(
-        _RECORD_DISPUTE,
+    args = (
         dispute["id"],
         payment.id,
         int(dispute["amount"]),
@@ -91,7 +91,10 @@ async def _record(
         applied.event_id,
         list(CLOSED_STATUSES),
     )
-    assert row is not None
+    return pipeline.add(_RECORD_DISPUTE, args)
+
+
+def _open(applied: AppliedEvent, row: asyncpg.Record) -> bool:
     if row["saved_status"] is not None:
         applied.changed = True
     current = row["saved_status"] or row["old_status"]
@@ -110,30 +113,39 @@ def _movements(dispute: dict[str, Any], txn: dict[str, Any]) -> list[tuple[Entry
         entry = Entry("dispute_reinstatement", txn_id, amount, currency, occurred_at, dispute_id)
         movements.append((entry, "dispute_funds_reinstated"))
     if fee != 0:
-        # A returned fee is negative on the transaction, so −fee books it positive.
         fee_entry = Entry("dispute_fee", txn_id, -fee, str(currency_of(txn)), occurred_at, dispute_id)
         movements.append((fee_entry, "dispute_funds_withdrawn" if fee > 0 else "dispute_funds_reinstated"))
     return movements
 
 
-async def _book_balance_transactions(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, dispute: dict[str, Any]
-) -> None:
+def _plan_balance_transactions(
+    pipeline: Pipeline, applied: AppliedEvent, payment: Payment, dispute: dict[str, Any]
+) -> list[Ticket]:
+    tickets = []
     for txn in dispute.get("balance_transactions") or []:
         if not isinstance(txn, dict) or stripe_id(txn.get("id")) is None:
             continue  # an unexpanded id carries no amounts; a later event with the object books it
         for entry, action in _movements(dispute, txn):
             detail = {"balance_transaction": entry.source_id, "dispute_status": dispute.get("status")}
-            if await book(
-                con, entry, payment_id=payment.id, event_id=applied.event_id, action=action,
-                detail=detail,
-            ):
-                applied.changed = True
+            tickets.append(
+                plan_booking(
+                    pipeline, entry, payment_id=payment.id, event_id=applied.event_id, action=action,
+                    detail=detail,
+                )
+            )
+    return tickets
 
 
-async def on_dispute_event(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> Step:
+def on_dispute_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
     """charge.dispute.*: record the dispute, book its balance transactions, set disputed flags."""
     dispute = applied.obj
-    payment.disputed = await _record(con, applied, payment, dispute)
-    await _book_balance_transactions(con, applied, payment, dispute)
-    return Step()
+    record = _plan_record(pipeline, applied, payment, dispute)
+    bookings = _plan_balance_transactions(pipeline, applied, payment, dispute)
+
+    async def then(_con: asyncpg.Connection) -> Step:
+        payment.disputed = _open(applied, pipeline.row(record))
+        if any([booked(pipeline, ticket) for ticket in bookings]):
+            applied.changed = True
+        return Step()
+
+    return then

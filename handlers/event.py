@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
+
+import asyncpg
 
 from handlers import Delivery, Policy
 from handlers.payloads import ChargeRef, charge_ref, stripe_id, timestamp
@@ -63,3 +66,8 @@ class Step:
     outcome: StepOutcome = "applied"
     retry_reason: Literal["refunds_short"] | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+# What an event-family handler returns when it has planned its statements (pipeline.py): run, after
+# the pipeline, in delivery order, to read the rows and conclude.
+Then = Callable[[asyncpg.Connection], Awaitable[Step]]

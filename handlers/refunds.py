@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 
 from handlers.charges import advance_snapshot, is_newest_snapshot
-from handlers.event import AppliedEvent, Step
+from handlers.event import AppliedEvent, Step, Then
 from handlers.finance_exceptions import raise_exception
 from handlers.matching import Payment
 from handlers.payloads import (
@@ -28,6 +28,7 @@ from handlers.payloads import (
     stripe_id,
     timestamp,
 )
+from handlers.pipeline import Pipeline, Ticket
 
 # One round trip per refund snapshot: save its status if this snapshot is newer by (created,
 # rank) — a full tie keeps the stored one — then, by the status it has afterwards, book the refund
@@ -121,20 +122,15 @@ async def _over_refund_check(
     )
 
 
-async def apply_refund(
-    con: asyncpg.Connection,
-    applied: AppliedEvent,
-    payment: Payment,
-    refund: dict[str, Any],
-    seen_at: datetime,
-) -> None:
-    """Apply one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status."""
+def plan_refund(
+    pipeline: Pipeline, applied: AppliedEvent, payment: Payment, refund: dict[str, Any], seen_at: datetime
+) -> Ticket | None:
+    """Plan one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status."""
     status = refund.get("status")
     rank = REFUND_STATUS_RANK.get(status) if isinstance(status, str) else None
     if stripe_id(refund.get("id")) is None or rank is None:
-        return  # never invent a refund row without an id; an unknown status moves nothing
-    row = await con.fetchrow(
-        _APPLY_REFUND,
+        return None  # never invent a refund row without an id; an unknown status moves nothing
+    args = (
         refund["id"],
         payment.id,
         int(refund["amount"]),
@@ -147,7 +143,17 @@ async def apply_refund(
         timestamp(int(refund["created"])),
         applied.event_id,
     )
-    assert row is not None
+    return pipeline.add(_APPLY_REFUND, args)
+
+
+async def take_refund(
+    con: asyncpg.Connection,
+    applied: AppliedEvent,
+    payment: Payment,
+    refund: dict[str, Any],
+    row: asyncpg.Record,
+) -> None:
+    """What the planned refund snapshot did: the payment's refunded amount, the over-refund check."""
     if row["saved_status"] is not None or row["booked_amount"] is not None:
         applied.changed = True
     if row["reversed_amount"] is not None:
@@ -158,22 +164,23 @@ async def apply_refund(
         await _over_refund_check(con, applied, payment, refund)
 
 
-async def on_refund_event(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> Step:
+def on_refund_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
     """refund.created|updated|failed and charge.refund.updated: the event's object is a refund."""
-    await apply_refund(con, applied, payment, applied.obj, applied.created)
-    return Step()
+    ticket = plan_refund(pipeline, applied, payment, applied.obj, applied.created)
+
+    async def then(con: asyncpg.Connection) -> Step:
+        if ticket is not None:
+            await take_refund(con, applied, payment, applied.obj, pipeline.row(ticket))
+        return Step()
+
+    return then
 
 
-async def _apply_carried_refunds(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
-) -> None:
-    for refund in embedded_refunds(applied.obj) or []:
-        await apply_refund(con, applied, payment, refund, applied.created)
+def _carried_refunds(applied: AppliedEvent) -> list[dict[str, Any]]:
     # Fetched refunds are ordered as a snapshot taken at the charge.refunded's created, not at
     # our fetch time: our clock and Stripe's need not agree, and a failure Stripe reports later
     # must still be able to move a refund that a fetch saw live. They are at least that fresh.
-    for refund in applied.delivery.fetched_refunds or []:
-        await apply_refund(con, applied, payment, refund, applied.created)
+    return [*(embedded_refunds(applied.obj) or []), *(applied.delivery.fetched_refunds or [])]
 
 
 async def _judge_checkpoint(
@@ -204,14 +211,22 @@ async def _judge_checkpoint(
     return Step("mismatch", detail=detail)
 
 
-async def on_charge_refunded(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
-) -> Step:
+def on_charge_refunded(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
     """charge.refunded: book the refunds it carries, then judge it as a checkpoint if newest."""
-    await _apply_carried_refunds(con, applied, payment)
-    if not is_newest_snapshot(payment, applied):
-        return Step()
-    step = await _judge_checkpoint(con, applied, payment)
-    if step.outcome != "retrying":
-        advance_snapshot(payment, applied)
-    return step
+    carried = [
+        (refund, plan_refund(pipeline, applied, payment, refund, applied.created))
+        for refund in _carried_refunds(applied)
+    ]
+
+    async def then(con: asyncpg.Connection) -> Step:
+        for refund, ticket in carried:
+            if ticket is not None:
+                await take_refund(con, applied, payment, refund, pipeline.row(ticket))
+        if not is_newest_snapshot(payment, applied):
+            return Step()
+        step = await _judge_checkpoint(con, applied, payment)
+        if step.outcome != "retrying":
+            advance_snapshot(payment, applied)
+        return step
+
+    return then

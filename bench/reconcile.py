@@ -4,8 +4,9 @@ Creates its own database (migrated) and RabbitMQ vhost and drops both at the end
 app's orders and payments, fills the work queue with a shuffled mix of refund, reversal and
 dispute events (10% duplicate deliveries, built by tests/event_stream.py from Stripe's fixtures)
 published with confirms, then starts one `recon worker` subprocess and polls until every event
-has a final outcome and the queue is empty. Reports events/s and the p99 reconcile latency
-(the worker's recon_reconcile_seconds histogram: delivery to commit).
+has a final outcome and the queue has nothing left to deliver; after the worker has stopped, the
+queue must be empty (a message it never acked would be back). Reports events/s and the p99
+reconcile latency (the worker's recon_reconcile_seconds histogram: delivery to commit).
 
 Then pgbench (TPC-B-like, scale 10, 8 clients, 2 threads, 20 s) on the same server, in its own
 database, and the ratio of our events/s to its tps.
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests import event_stream  # noqa: E402
 from tests.stripe_events import encode, sign  # noqa: E402
-from worker import broker, migrate  # noqa: E402
+from worker import broker, migrate, topology  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("RECON_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -240,6 +241,23 @@ async def _settled(database_url: str, distinct: int) -> bool:
     return bool(done == distinct)
 
 
+async def _queue_ready(env: Isolated) -> int:
+    """Messages ready in the work queue (delivered but unacked ones are not counted)."""
+    connection = await broker.connect(env.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.WORK_QUEUE, passive=True)
+        assert queue.declaration_result.message_count is not None
+        return int(queue.declaration_result.message_count)
+    finally:
+        await connection.close()
+
+
+async def _drained(env: Isolated, distinct: int) -> bool:
+    """Every distinct event final and nothing left to deliver (duplicates included)."""
+    return await _settled(env.database_url, distinct) and await _queue_ready(env) == 0
+
+
 async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profile: bool) -> dict[str, Any]:
     published_per_s = await fill_queue(env, stream.events)
     port = _free_port()
@@ -252,7 +270,7 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
         await _wait_ready(port, worker)
         first = await _first_progress(env.database_url)
         cpu_before = cpu_snapshot(worker.pid)
-        await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.05)
+        await _poll(lambda: _drained(env, len(stream.event_ids)), interval_s=0.05)
         finished = time.perf_counter()
         cpu = cpu_delta(cpu_before, cpu_snapshot(worker.pid))
         metrics_text = await _metrics(port)
@@ -260,6 +278,8 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
         code = _stop(worker)
         if spy is not None:
             spy.wait(30)
+    # Whatever the worker left unacked is back in the queue once it is gone: it must be nothing.
+    left_in_queue = await _queue_ready(env)
     seconds = finished - first
     p99 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.99)
     p50 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.50)
@@ -275,6 +295,7 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
         "cpu_us_per_event": {who: round(s * 1e6 / len(stream.events)) for who, s in cpu.items()},
         "machine_busy_cores": round(cpu["machine"] / seconds, 2),
         "worker_exit": code,
+        "left_in_queue_after_exit": left_in_queue,
     }
 
 

@@ -124,3 +124,27 @@ async def test_out_of_order_registration_still_never_acks_an_unfinished_tag() ->
     assert channel.frames == []
     await acks.ack(m1)
     assert channel.frames == [("ack", 2, True)]
+
+
+async def test_a_batch_acked_together_is_one_frame() -> None:
+    """A lane's batch is acked in one call: one multiple frame per call once it reaches the head,
+    never one per message, and never past the other lane's unfinished deliveries."""
+    channel = FakeChannel()
+    acks = Acks(max_held=100)
+    m = deliver(acks, channel, 6)
+    await acks.ack(m[0], m[2], m[3])  # 2 is another lane's, unfinished
+    assert channel.frames == [("ack", 1, True)]
+    await acks.ack(m[1], m[4], m[5])
+    assert channel.frames == [("ack", 1, True), ("ack", 6, True)]
+
+
+async def test_a_batch_over_the_held_limit_acks_only_down_to_the_limit() -> None:
+    """Behind an unfinished delivery, a batch is acked one by one only until max_held remain held."""
+    channel = FakeChannel()
+    acks = Acks(max_held=2)
+    m = deliver(acks, channel, 6)
+    await acks.ack(*m[1:])
+    assert channel.frames == [("ack", 2, False), ("ack", 3, False), ("ack", 4, False)]
+    await acks.ack(m[0])
+    assert channel.frames[-1] == ("ack", 6, True)
+    assert acked_up_to(channel.frames) == set(range(1, 7))

@@ -43,16 +43,21 @@ class AckWindow:
         """Finished deliveries not acked yet (waiting behind an unfinished one)."""
         return len(self._finished) - len(self._settled)
 
-    async def ack(self, message: AbstractIncomingMessage) -> bool:
-        """Ack ``message`` once it and everything delivered before it are finished."""
-        self._finished[_tag(message)] = message
+    async def ack(self, *messages: AbstractIncomingMessage) -> bool:
+        """Ack ``messages`` once they and everything delivered before them are finished: one frame
+        for all of them (and whatever finished run they complete) when they reach the head."""
+        for message in messages:
+            self._finished[_tag(message)] = message
         carrier = self._advance()
+        acked = True
         if carrier is not None:
-            return await finish_message(carrier, multiple=True)
-        if self.held > self._max_held:
-            self._settled.add(_tag(message))
-            return await finish_message(message)
-        return True
+            acked = await finish_message(carrier, multiple=True)
+        for message in messages:
+            tag = _tag(message)
+            if tag in self._finished and tag not in self._settled and self.held > self._max_held:
+                self._settled.add(tag)
+                acked = await finish_message(message) and acked
+        return acked
 
     async def nack(self, message: AbstractIncomingMessage) -> bool:
         """Requeue ``message`` now; it counts as finished for the acks held behind it."""
@@ -102,8 +107,16 @@ class Acks:
     def delivered(self, message: AbstractIncomingMessage) -> None:
         self.window(message).delivered(message)
 
-    async def ack(self, message: AbstractIncomingMessage) -> bool:
-        return await self.window(message).ack(message)
+    async def ack(self, *messages: AbstractIncomingMessage) -> bool:
+        """Ack ``messages`` (with as few frames as the windows allow); True if all were acked."""
+        by_window: dict[int, tuple[AckWindow, list[AbstractIncomingMessage]]] = {}
+        for message in messages:
+            window = self.window(message)
+            by_window.setdefault(id(window), (window, []))[1].append(message)
+        acked = True
+        for window, batch in by_window.values():
+            acked = await window.ack(*batch) and acked
+        return acked
 
     async def nack(self, message: AbstractIncomingMessage) -> bool:
         return await self.window(message).nack(message)

@@ -319,11 +319,11 @@ class BatchRunner:
     async def _settle(self, planned: list[Planned]) -> None:
         committed_at = time.monotonic()
         publishes = []
+        done = [entry.item.message for entry in planned if entry.verdict and entry.verdict.action == "ack"]
+        await self._acks.ack(*done)  # one frame for the batch where the window allows
         for entry in planned:
             assert entry.verdict is not None
-            if entry.verdict.action == "ack":
-                await self._acks.ack(entry.item.message)
-            else:
+            if entry.verdict.action != "ack":
                 publishes.append(
                     verdicts.settle(entry.item, entry.verdict, self._publisher, self._settings, self._acks)
                 )

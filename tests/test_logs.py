@@ -1,0 +1,23 @@
+"""The redaction step: no e-mail address or Stripe secret leaves the process in a log line."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.logs import redact
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("refund for jenny.rosen@example.com", "refund for [email]"),
+        ("key sk_live_51Habc123 rejected", "key sk_live_[redacted] rejected"),
+        ("rk_test_9zz and whsec_abcDEF1", "rk_test_[redacted] and whsec_[redacted]"),
+        ("a+b@x.io paid with sk_test_1", "[email] paid with sk_test_[redacted]"),
+        ("evt_1NG8Du2eZvKYlo2CUI79vXWy", "evt_1NG8Du2eZvKYlo2CUI79vXWy"),
+        ("charge.refund.updated", "charge.refund.updated"),
+    ],
+)
+def test_redacts_emails_and_secrets_and_nothing_else(value: str, expected: str) -> None:
+    event = {"event": "x", "detail": value, "count": 3}
+    assert redact(None, "info", event) == {"event": "x", "detail": expected, "count": 3}

@@ -419,8 +419,10 @@ async def _post(
 
 
 async def end_to_end(
-    env: Isolated, stream: event_stream.Stream, rate: float, workdir: Path
+    env: Isolated, stream: event_stream.Stream, rate: float, workdir: Path, split: bool = False
 ) -> dict[str, Any]:
+    """``recon run`` (receiver and worker in one process, CONTRACT §2), or with ``split`` the same
+    pair as two processes on this machine: `recon receiver` and `recon worker`."""
     secret = "whsec_" + secrets.token_hex(16)
     http_port, worker_port = _free_port(), _free_port()
     process_env = _process_env(
@@ -434,9 +436,16 @@ async def end_to_end(
     connection = await broker.connect(env.amqp_url)
     await broker.declare_topology(connection, settings)
     await connection.close()
-    app = _spawn("run", process_env, workdir / "run.log")
+    if split:
+        processes = [
+            _spawn("receiver", process_env, workdir / "receiver.log"),
+            _spawn("worker", process_env, workdir / "worker-e2e.log"),
+        ]
+    else:
+        processes = [_spawn("run", process_env, workdir / "run.log")]
     try:
-        await _wait_ready(http_port, app)
+        for process, port in zip(processes, (http_port, worker_port), strict=False):
+            await _wait_ready(port, process)
         bodies = [(e["id"], encode(e)) for e in stream.events]
         out = workdir / "sent.json"
         sender = multiprocessing.get_context("spawn").Process(
@@ -446,10 +455,11 @@ async def end_to_end(
         await asyncio.to_thread(sender.join)
         await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.1)
     finally:
-        code = _stop(app)
+        code = max(_stop(process) for process in processes)
     report = json.loads(out.read_text())
     lags = await _ledger_lags(env.database_url, report["sent"])
     return {
+        "mode": "recon receiver + recon worker" if split else "recon run",
         "posts": len(bodies),
         "rate_per_s": rate,
         "statuses": report["statuses"],
@@ -527,7 +537,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_e2e:
         env, stream = await _prepared("e2e", args.e2e_events)
         try:
-            results["end_to_end"] = await end_to_end(env, stream, args.rate, workdir)
+            key = "end_to_end_split" if args.e2e_split else "end_to_end"
+            results[key] = await end_to_end(env, stream, args.rate, workdir, split=args.e2e_split)
         finally:
             await env.drop()
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -563,6 +574,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pgbench-s", type=int, default=20, help="pgbench duration")
     parser.add_argument("--skip-pgbench", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument(
+        "--e2e-split", action="store_true", help="end to end through `recon receiver` + `recon worker`"
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy the worker during the drain")
     parser.add_argument(
         "--concurrency", type=int, default=400, help="the worker's RECON_WORKER_CONCURRENCY (prefetch)"

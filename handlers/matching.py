@@ -122,24 +122,40 @@ class LockedPayments:
 
     def __init__(self) -> None:
         self._by_id: dict[int, Payment] = {}
+        self._by_intent: dict[str, Payment] = {}
+        # By charge id as of when the row was locked; a charge id an event fills in later
+        # (the host recorded only the intent) is found through the intent or by the scan below.
+        self._by_charge: dict[str, Payment] = {}
+        self._no_charge_id: list[Payment] = []
 
     def add(self, payment: Payment) -> Payment:
         """The batch's object for this row: ``payment`` unless the row is held already."""
-        return self._by_id.setdefault(payment.id, payment)
+        held = self._by_id.get(payment.id)
+        if held is not None:
+            return held
+        self._by_id[payment.id] = payment
+        if payment.stripe_payment_intent_id is not None:
+            self._by_intent[payment.stripe_payment_intent_id] = payment
+        if payment.stripe_charge_id is not None:
+            self._by_charge[payment.stripe_charge_id] = payment
+        else:
+            self._no_charge_id.append(payment)
+        return payment
 
     def __iter__(self) -> Iterator[Payment]:
         return iter(self._by_id.values())
 
     def match(self, ref: ChargeRef) -> Payment | None:
         """As PAYMENT_LOCK matches: by charge id, else by payment intent."""
-        by_intent = None
         charge_id, intent_id = ref.charge_id, ref.payment_intent_id
-        for payment in self._by_id.values():
-            if charge_id is not None and payment.stripe_charge_id == charge_id:
-                return payment
-            if intent_id is not None and payment.stripe_payment_intent_id == intent_id:
-                by_intent = by_intent or payment
-        return by_intent
+        if charge_id is not None:
+            found = self._by_charge.get(charge_id)
+            if found is not None:
+                return found
+            for payment in self._no_charge_id:
+                if payment.stripe_charge_id == charge_id:
+                    return payment
+        return self._by_intent.get(intent_id) if intent_id is not None else None
 
 
 async def lock_payments(con: asyncpg.Connection, refs: Iterable[ChargeRef], locked: LockedPayments) -> None:

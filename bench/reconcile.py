@@ -577,6 +577,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         _print(results)
     if not args.skip_e2e:
         env, stream = await _prepared("e2e", args.e2e_events)
+        # pgbench leaves dirty buffers and autovacuum work behind: let the server catch up first.
+        await asyncio.to_thread(_quiesce)
         try:
             key = "end_to_end_split" if args.e2e_split else "end_to_end"
             results[key] = await end_to_end(env, stream, args.rate, workdir, split=args.e2e_split)
@@ -584,6 +586,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await env.drop()
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def _quiesce(settle_s: float = 5.0) -> None:
+    subprocess.run(["psql", PG_ADMIN_URL, "-qc", "checkpoint"], check=True)
+    time.sleep(settle_s)
 
 
 def _machine() -> dict[str, Any]:

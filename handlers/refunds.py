@@ -191,7 +191,9 @@ async def _judge_checkpoint(
     if payment.amount_refunded >= expected:
         return Step()
     # Refunds booked and later reversed by events newer than this snapshot still count: at the
-    # snapshot's time they were money back, and amount_refunded then included them.
+    # snapshot's time they were money back, and amount_refunded then included them. In a batch
+    # the refund snapshots that later events planned are saved already (pipeline.py): they count
+    # as if they had been delivered first, which any delivery order may do anyway.
     live_then = int(await con.fetchval(_LIVE_AT_SNAPSHOT, payment.id, applied.created))
     fetched = applied.delivery.fetched_refunds
     fetched_live = live_refund_total(fetched) if fetched is not None else None

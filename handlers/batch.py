@@ -142,16 +142,15 @@ class Batch:
         self._audits.extend(Audit(event_id, object_id, payment.id, d) for d in write.audit_details)
         if payment.order_id is not None:
             self._owner(self._orders, payment.order_id, write.order_status, payment.disputed)
-            if write.order_status is not None:
-                for other in self.payments:
-                    if other.order_id == payment.order_id:
-                        other.order_status = write.order_status
         if payment.invoice_id is not None:
             self._owner(self._invoices, payment.invoice_id, write.invoice_status, payment.disputed)
-            if write.invoice_status is not None:
-                for other in self.payments:
-                    if other.invoice_id == payment.invoice_id:
-                        other.invoice_status = write.invoice_status
+        # Every payment of the same order or invoice sees the status it now has (statuses.py sets
+        # a new order or invoice status only for a payment that has that owner).
+        for other in self.payments:
+            if write.order_status is not None and other.order_id == payment.order_id:
+                other.order_status = write.order_status
+            if write.invoice_status is not None and other.invoice_id == payment.invoice_id:
+                other.invoice_status = write.invoice_status
 
     @staticmethod
     def _owner(writes: dict[int, OwnerWrite], owner_id: int, status: str | None, disputed: bool) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 
 AuditAction = Literal[
     "stripe_refund_recorded",
@@ -34,4 +34,4 @@ async def audit(
     payment_id: int | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    await con.execute(_AUDIT, action, event_id, object_id, payment_id, json.dumps(detail or {}))
+    await con.execute(_AUDIT, action, event_id, object_id, payment_id, orjson.dumps(detail or {}).decode())

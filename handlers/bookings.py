@@ -9,10 +9,11 @@ only then is the audit row written. That makes every handler safe to run twice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
+
+import orjson
 
 from handlers.audit import AuditAction
 from handlers.pipeline import Pipeline, Ticket
@@ -74,7 +75,7 @@ def plan_booking(
         entry.stripe_object_id,
         event_id,
         action,
-        json.dumps(detail),
+        orjson.dumps(detail).decode(),
     )
     return pipeline.add(_BOOK, args)
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 
 ExceptionKind = Literal[
     "unmatched_charge", "refund_mismatch", "over_refund", "currency_mismatch", "dead_lettered"
@@ -25,4 +25,4 @@ async def raise_exception(
     object_id: str | None,
     detail: dict[str, Any],
 ) -> None:
-    await con.execute(_RAISE, kind, event_id, object_id, json.dumps(detail))
+    await con.execute(_RAISE, kind, event_id, object_id, orjson.dumps(detail).decode())

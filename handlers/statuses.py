@@ -9,9 +9,10 @@ status, by event created then lifecycle rank) feed them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from handlers import Outcome
 from handlers.event import AppliedEvent
@@ -44,7 +45,7 @@ def money_status(payment: Payment) -> str:
 
 
 def _change(record: str, field: str, before: Any, after: Any) -> str:
-    return json.dumps({"object": record, "field": field, "from": before, "to": after})
+    return orjson.dumps({"object": record, "field": field, "from": before, "to": after}).decode()
 
 
 def _owner_changes(before: Payment, after: Payment) -> tuple[str | None, str | None, list[str]]:

@@ -4,6 +4,7 @@ cuts mid-stream lose nothing and book nothing twice (the ledger equals a serial,
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -102,7 +103,8 @@ async def test_sigterm_drains_in_flight_and_exits_zero(
     rows = await fetch(settings.database_url, "select outcome from finance.events")
     assert "retrying" not in {row["outcome"] for row in rows}
     assert len(rows) + queued == len(built.events)
-    assert '"complete": true' in worker.log_tail(200)
+    drained = [json.loads(line) for line in worker.log_tail(200).splitlines() if "consumer_drained" in line]
+    assert drained and drained[-1]["complete"] is True
 
 
 async def test_sigkill_mid_stream_then_restart_books_everything_once(

@@ -151,9 +151,14 @@ async def take_refund(
     applied: AppliedEvent,
     payment: Payment,
     refund: dict[str, Any],
-    row: asyncpg.Record,
+    pipeline: Pipeline,
+    ticket: Ticket | None,
 ) -> None:
-    """What the planned refund snapshot did: the payment's refunded amount, the over-refund check."""
+    """What the planned refund snapshot did (if one was planned): the payment's refunded amount,
+    the over-refund check."""
+    if ticket is None:
+        return
+    row = pipeline.row(ticket)
     if row["saved_status"] is not None or row["booked_amount"] is not None:
         applied.changed = True
     if row["reversed_amount"] is not None:
@@ -169,8 +174,7 @@ def on_refund_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline)
     ticket = plan_refund(pipeline, applied, payment, applied.obj, applied.created)
 
     async def then(con: asyncpg.Connection) -> Step:
-        if ticket is not None:
-            await take_refund(con, applied, payment, applied.obj, pipeline.row(ticket))
+        await take_refund(con, applied, payment, applied.obj, pipeline, ticket)
         return Step()
 
     return then
@@ -222,8 +226,7 @@ def on_charge_refunded(applied: AppliedEvent, payment: Payment, pipeline: Pipeli
 
     async def then(con: asyncpg.Connection) -> Step:
         for refund, ticket in carried:
-            if ticket is not None:
-                await take_refund(con, applied, payment, refund, pipeline.row(ticket))
+            await take_refund(con, applied, payment, refund, pipeline, ticket)
         if not is_newest_snapshot(payment, applied):
             return Step()
         step = await _judge_checkpoint(con, applied, payment)

@@ -265,7 +265,7 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
         env, RECON_WORKER_HTTP_PORT=str(port), RECON_WORKER_CONCURRENCY=str(CONCURRENCY)
     )
     worker = _spawn("worker", worker_env, workdir / "worker.log")
-    spy = _py_spy(worker.pid, workdir) if profile else None
+    spy = _py_spy(worker.pid, workdir / "worker-profile.txt") if profile else None
     try:
         await _wait_ready(port, worker)
         first = await _first_progress(env.database_url)
@@ -337,9 +337,8 @@ async def _first_progress(database_url: str) -> float:
     return time.perf_counter()
 
 
-def _py_spy(pid: int, workdir: Path) -> subprocess.Popen[bytes]:
-    """Collapsed stacks (flamegraph.pl / speedscope input) of the worker while it drains."""
-    out = workdir / "worker-profile.txt"
+def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """Collapsed stacks (flamegraph.pl / speedscope input) of one of our processes while it runs."""
     spy = ROOT / ".venv" / "bin" / "py-spy"
     command = [str(spy), "record", "-p", str(pid), "-o", str(out), "--format", "raw", "--nonblocking"]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -451,7 +450,12 @@ async def _post(
 
 
 async def end_to_end(
-    env: Isolated, stream: event_stream.Stream, rate: float, workdir: Path, split: bool = False
+    env: Isolated,
+    stream: event_stream.Stream,
+    rate: float,
+    workdir: Path,
+    split: bool = False,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """``recon run`` (receiver and worker in one process, CONTRACT §2), or with ``split`` the same
     pair as two processes on this machine: `recon receiver` and `recon worker`."""
@@ -475,6 +479,9 @@ async def end_to_end(
         ]
     else:
         processes = [_spawn("run", process_env, workdir / "run.log")]
+    spies = (
+        [_py_spy(p.pid, workdir / f"e2e-profile-{i}.txt") for i, p in enumerate(processes)] if profile else []
+    )
     try:
         for process, port in zip(processes, (http_port, worker_port), strict=False):
             await _wait_ready(port, process)
@@ -492,6 +499,8 @@ async def end_to_end(
         cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
     finally:
         code = max(_stop(process) for process in processes)
+        for spy in spies:
+            spy.wait(30)
     report = json.loads(out.read_text())
     lags = await _ledger_lags(env.database_url, report["sent"])
     return {
@@ -581,7 +590,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.to_thread(_quiesce)
         try:
             key = "end_to_end_split" if args.e2e_split else "end_to_end"
-            results[key] = await end_to_end(env, stream, args.rate, workdir, split=args.e2e_split)
+            results[key] = await end_to_end(
+                env, stream, args.rate, workdir, split=args.e2e_split, profile=args.profile
+            )
         finally:
             await env.drop()
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
@@ -625,7 +636,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--e2e-split", action="store_true", help="end to end through `recon receiver` + `recon worker`"
     )
-    parser.add_argument("--profile", action="store_true", help="py-spy the worker during the drain")
+    parser.add_argument("--profile", action="store_true", help="py-spy our processes (drain and end to end)")
     parser.add_argument(
         "--concurrency", type=int, default=400, help="the worker's RECON_WORKER_CONCURRENCY (prefetch)"
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker import topology
 from worker.settings import Settings
@@ -69,37 +69,37 @@ class Publisher:
 
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
-        self._events: AbstractExchange | None = None
-
-    async def _events_exchange(self) -> AbstractExchange:
-        if self._events is None:
-            self._events = await self._channel.get_exchange(topology.EVENTS_EXCHANGE, ensure=False)
-        return self._events
 
     async def publish_event(self, message: aio_pika.Message) -> None:
         """Route by event type into the work queue; returns only once the broker confirmed."""
-        exchange = await self._events_exchange()
-        await self._confirm(exchange, message, routing_key=message.type or "")
+        await self._confirm(topology.EVENTS_EXCHANGE, message, routing_key=message.type or "")
 
     async def publish_to_queue(self, message: aio_pika.Message, queue_name: str) -> None:
         """Straight into a named queue (retry wait queues, the work queue on replay)."""
-        await self._confirm(self._channel.default_exchange, message, routing_key=queue_name)
+        await self._confirm("", message, routing_key=queue_name)
 
     async def publish_dead_letter(self, message: aio_pika.Message) -> None:
-        exchange = await self._channel.get_exchange(topology.DEAD_EXCHANGE, ensure=False)
-        await self._confirm(exchange, message, routing_key="")
+        await self._confirm(topology.DEAD_EXCHANGE, message, routing_key="")
 
-    async def _confirm(self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
+    async def _confirm(self, exchange: str, message: aio_pika.Message, routing_key: str) -> None:
         try:
-            confirmation = await exchange.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S
+            if self._channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
+            channel = await self._channel.get_underlay_channel()
+            confirmation = await channel.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=message.properties,
+                mandatory=True,  # unroutable: the channel's on_return_raises makes it PublishError
+                timeout=PUBLISH_TIMEOUT_S,
             )
         except (
             aio_pika.exceptions.AMQPError,
             aiormq.exceptions.AMQPError,
             ConnectionError,
             TimeoutError,
-            RuntimeError,  # aio-pika raises it for a channel that is closed or reconnecting
+            RuntimeError,  # ChannelInvalidStateError: a channel that is closed or reconnecting
         ) as exc:
             raise PublishFailed(type(exc).__name__) from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):

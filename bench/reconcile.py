@@ -46,8 +46,9 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import webhook_sender  # noqa: E402
 from tests import event_stream  # noqa: E402
-from tests.stripe_events import encode, sign  # noqa: E402
+from tests.stripe_events import encode  # noqa: E402
 from worker import broker, migrate, topology  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
@@ -373,82 +374,6 @@ def pgbench(seconds: int, scale: int = 10, clients: int = 8, threads: int = 2) -
 # --------------------------------------------------------------------------- end to end
 
 
-SENDER_CONNECTIONS = 200
-
-
-def _send_open_loop(
-    base_url: str, bodies: list[tuple[str, bytes]], secret: str, rate: float, out: Path
-) -> None:
-    """In its own process: POST each body at its scheduled time (open loop), record send times.
-
-    The generator shares the 2 cores with what it measures, so it is lean: every request is
-    signed (stripe.WebhookSignature, as Stripe would) and encoded before the clock starts, and
-    sent as raw HTTP/1.1 over keep-alive connections (aiohttp's client costs ~300 µs a request).
-    A request waits for a free connection from the moment it is due; its lag counts from then.
-    """
-    host, port = base_url.removeprefix("http://").split(":")
-    requests = [(event_id, _http_request(body, sign(body, secret))) for event_id, body in bodies]
-
-    async def run() -> dict[str, Any]:
-        sent: dict[str, float] = {}
-        statuses: dict[int, int] = {}
-        pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-        for _ in range(SENDER_CONNECTIONS):
-            pool.put_nowait(await asyncio.open_connection(host, int(port)))
-        start = time.time() + 0.5
-        tasks = []
-        for i, (event_id, request) in enumerate(requests):
-            delay = start + i / rate - time.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_post(pool, event_id, request, sent, statuses)))
-        await asyncio.gather(*tasks)
-        while not pool.empty():
-            pool.get_nowait()[1].close()
-        return {
-            "sent": sent,
-            "statuses": statuses,
-            "late_s": time.time() - start,
-            "cpu_s": time.process_time(),
-        }
-
-    out.write_text(json.dumps(asyncio.run(run())))
-
-
-def _http_request(body: bytes, signature: str) -> bytes:
-    head = (
-        "POST /webhooks/stripe HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Stripe-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-async def _post(
-    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]],
-    event_id: str,
-    request: bytes,
-    sent: dict[str, float],
-    statuses: dict[int, int],
-) -> None:
-    sent.setdefault(event_id, time.time())  # a duplicate delivery keeps the first POST's time
-    for _ in range(5):  # a 503 means "retry", as Stripe would
-        reader, writer = await pool.get()
-        try:
-            writer.write(request)
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
-        finally:
-            pool.put_nowait((reader, writer))
-        statuses[status] = statuses.get(status, 0) + 1
-        if status == 200:
-            return
-        await asyncio.sleep(0.5)
-
-
 async def end_to_end(
     env: Isolated,
     stream: event_stream.Stream,
@@ -488,13 +413,16 @@ async def end_to_end(
         bodies = [(e["id"], encode(e)) for e in stream.events]
         out = workdir / "sent.json"
         sender = multiprocessing.get_context("spawn").Process(
-            target=_send_open_loop, args=(f"http://127.0.0.1:{http_port}", bodies, secret, rate, out)
+            target=webhook_sender.send_open_loop,
+            args=(f"http://127.0.0.1:{http_port}", bodies, secret, rate, out),
         )
         names = ["receiver", "worker"] if split else ["recon run"]
         ours = {name: process.pid for name, process in zip(names, processes, strict=True)}
         cpu_before = cpu_snapshot(ours)
         sender.start()
         await asyncio.to_thread(sender.join)
+        if sender.exitcode != 0:
+            raise SystemExit(f"the load generator failed (exit {sender.exitcode}); its traceback is above")
         await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.1)
         cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
     finally:

@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        configure_logging(settings.log_format, settings.log_level)
+        servers = _COMMANDS[args.command] is _serve
+        configure_logging(settings.log_format, settings.log_level, cache_loggers=servers)
         return _COMMANDS[args.command](args, settings)
     except SettingsError as exc:
         print(f"recon: error: {exc}", file=sys.stderr)

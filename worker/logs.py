@@ -50,7 +50,10 @@ def _stdout_logger(*_args: Any) -> StdoutLogger:
     return StdoutLogger()
 
 
-def configure_logging(log_format: str = "json", log_level: str = "info") -> None:
+def configure_logging(log_format: str = "json", log_level: str = "info", cache_loggers: bool = False) -> None:
+    """``cache_loggers`` for a server process, which configures once and then logs a line per
+    webhook and per event: each module's logger then binds once instead of on every call
+    (13 → 8 µs a line). Not for commands run in-process by tests, which configure again."""
     level = getattr(logging, log_level.upper())
     logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level, force=True)
     renderer: structlog.typing.Processor = (
@@ -69,7 +72,7 @@ def configure_logging(log_format: str = "json", log_level: str = "info") -> None
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=_stdout_logger,
-        # No caching: a logger cached before a later configure() (tests, `recon` called in-process)
-        # would keep the old processors, and structlog.testing.capture_logs would miss its lines.
-        cache_logger_on_first_use=False,
+        # A logger cached before a later configure() (tests, `recon` called in-process) would
+        # keep the old processors, and structlog.testing.capture_logs would miss its lines.
+        cache_logger_on_first_use=cache_loggers,
     )

@@ -2,11 +2,18 @@
 # Sets up a machine for stripe-recon: PostgreSQL and RabbitMQ installed and running, the
 # virtualenv installed, and (with "app") the database migrated and a dev webhook secret in .env.
 # Usage: scripts/setup.sh [services] [venv] [app]   (no argument = all three)
+# A server is "there" when its port answers; otherwise it is started (and installed first if its
+# Debian package is missing). RECON_SETUP_PG_PORT / RECON_SETUP_PG_CLUSTER / RECON_SETUP_AMQP_PORT
+# point the checks at another local cluster or node (tests/test_setup_script.py uses them, with
+# RabbitMQ's own RABBITMQ_* variables, so that it never stops the shared servers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(services venv app)
 want() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+PG_PORT=${RECON_SETUP_PG_PORT:-5432}
+PG_CLUSTER=${RECON_SETUP_PG_CLUSTER:-main}
+AMQP_PORT=${RECON_SETUP_AMQP_PORT:-5672}
 say() { printf 'setup: %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -29,10 +36,10 @@ ensure_postgres() {
         apt_install postgresql
         fresh_pg=1
     fi
-    if ! port_open 5432; then
+    if ! port_open "$PG_PORT"; then
         say "starting PostgreSQL"
-        as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
-        wait_port 5432 PostgreSQL 30
+        as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" "$PG_CLUSTER" start
+        wait_port "$PG_PORT" PostgreSQL 30
     fi
     if [ -n "${fresh_pg:-}" ]; then
         # A fresh Debian cluster asks for a password on TCP; the contract's default URL uses
@@ -48,10 +55,10 @@ ensure_rabbitmq() {
         say "installing RabbitMQ (Debian package rabbitmq-server)"
         apt_install rabbitmq-server
     fi
-    if ! port_open 5672; then
+    if ! port_open "$AMQP_PORT"; then
         say "starting RabbitMQ"
         as_root rabbitmq-server -detached
-        wait_port 5672 RabbitMQ 60
+        wait_port "$AMQP_PORT" RabbitMQ 60
         as_root rabbitmqctl -q await_startup >/dev/null 2>&1 || true
     fi
 }

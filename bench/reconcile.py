@@ -431,6 +431,12 @@ async def end_to_end(
             spy.wait(30)
     report = json.loads(out.read_text())
     lags = await _ledger_lags(env.database_url, report["sent"])
+    # processed_at is now(), the transaction's start: one value per batch (two lanes rarely tie).
+    per_transaction = await _scalar(
+        env.database_url,
+        "select count(*)::float8 / nullif(count(distinct processed_at), 0) from recon.event_inbox"
+        " where processed_at is not null",
+    )
     return {
         "mode": "recon receiver + recon worker" if split else "recon run",
         "posts": len(bodies),
@@ -440,6 +446,7 @@ async def end_to_end(
         "lag_p50_ms": round(_quantile(lags, 0.50) * 1000, 1),
         "lag_p99_ms": round(_quantile(lags, 0.99) * 1000, 1),
         "lag_max_ms": round(max(lags) * 1000, 1),
+        "events_per_transaction": round(per_transaction or 0, 1),
         # The load generator's CPU is the sender process's own; "machine" includes it.
         "cpu_us_per_event": {
             who: round(seconds * 1e6 / len(bodies))

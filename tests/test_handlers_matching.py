@@ -10,9 +10,13 @@ import asyncpg
 import pytest
 
 from handlers import Policy, apply_event
+from handlers.matching import _PAYMENTS_LOCK
 from tests import builders as b
+from tests import event_stream
 from tests import host_records as h
+from tests.event_stream import HostPayment
 from tests.harness import wait_until
+from worker.consumer import SESSION_SETTINGS
 
 
 @pytest.fixture
@@ -69,7 +73,9 @@ async def test_metadata_naming_an_owner_creates_the_payment(
     else:
         await h.add_invoice(con, "N-1")
     charge = b.charge(
-        charge_id="ch_1", payment_intent="pi_1", metadata={f"{owner}_number": "N-1"},
+        charge_id="ch_1",
+        payment_intent="pi_1",
+        metadata={f"{owner}_number": "N-1"},
         method_type=method_type,
     )
     result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
@@ -77,11 +83,14 @@ async def test_metadata_naming_an_owner_creates_the_payment(
     row = await con.fetchrow("select * from recon.payments")
     assert row is not None
     assert (row["stripe_charge_id"], row["stripe_payment_intent_id"], row["method"]) == (
-        "ch_1", "pi_1", method,
+        "ch_1",
+        "pi_1",
+        method,
     )
     assert (row["currency"], row["amount"], row["created_by_worker"]) == ("usd", 1000, True)
     assert (row["order_id"] is not None, row["invoice_id"] is not None) == (
-        owner == "order", owner == "invoice",
+        owner == "order",
+        owner == "invoice",
     )
 
 
@@ -187,9 +196,11 @@ async def test_payment_row_lock_serializes_events_of_one_charge(database_url: st
         second_pid = second.get_server_pid()
 
         async def second_waits_on_a_lock() -> bool:
-            return bool(await setup.fetchval(
-                "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", second_pid
-            ))
+            return bool(
+                await setup.fetchval(
+                    "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", second_pid
+                )
+            )
 
         await wait_until(second_waits_on_a_lock, timeout_s=10, what="the second event to wait")
         assert not waiting.done()
@@ -200,3 +211,39 @@ async def test_payment_row_lock_serializes_events_of_one_charge(database_url: st
     finally:
         for c in (first, second, setup):
             await c.close()
+
+
+async def test_the_batch_lock_finds_payments_by_index_on_the_workers_sessions(
+    con: asyncpg.Connection, database_url: str
+) -> None:
+    """With a few thousand payments the default random_page_cost (4) makes the batch's lock read
+    every order (a seq scan and a hash join) on every batch; the worker's sessions (consumer.SESSION_SETTINGS)
+    price index probes as on SSD, so the plan the worker caches probes the unique indexes."""
+    payments = [HostPayment(f"O-{n}", f"ch_{n:05}", 1000, "usd") for n in range(5000)]
+    await event_stream.seed(con, payments)
+    charge_ids = [f"ch_{n:05}" for n in range(0, 5000, 200)]
+
+    async def generic_plan(connection: asyncpg.Connection) -> str:
+        # The plan a long-lived connection keeps for its prepared statement (PG 15 has no
+        # EXPLAIN (GENERIC_PLAN)): force it, then EXPLAIN EXECUTE.
+        await connection.execute("set plan_cache_mode = force_generic_plan")
+        await connection.execute(f"prepare batch_lock(text[], text[]) as {_PAYMENTS_LOCK}")
+        # EXECUTE takes no bind parameters: PostgreSQL quotes the arrays into the statement.
+        explain = await connection.fetchval(
+            "select format('explain execute batch_lock(%L, %L)', $1::text[], $2::text[])",
+            charge_ids,
+            ["pi_none"],
+        )
+        rows = await connection.fetch(explain)
+        return "\n".join(row[0] for row in rows)
+
+    assert "Seq Scan on orders" in await generic_plan(con)  # the premise: PostgreSQL's default
+
+    worker_session = await asyncpg.connect(database_url, server_settings=SESSION_SETTINGS)
+    try:
+        plan = await generic_plan(worker_session)
+    finally:
+        await worker_session.close()
+    assert "Seq Scan on orders" not in plan, plan
+    assert "Seq Scan on payments" not in plan, plan
+    assert "Index Scan using orders_pkey" in plan, plan

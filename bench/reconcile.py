@@ -237,26 +237,48 @@ async def _poll(probe: Any, interval_s: float, timeout_s: float = 900.0) -> None
         await asyncio.sleep(interval_s)
 
 
-async def _settled(database_url: str, distinct: int) -> bool:
-    done = await _scalar(database_url, "select count(*) from recon.event_inbox where outcome <> 'retrying'")
-    return bool(done == distinct)
+class Watcher:
+    """One PostgreSQL connection and one AMQP channel for all of a phase's polling.
 
+    Opening a connection per poll (20 a second in the drain) made PostgreSQL fork a backend and
+    RabbitMQ run a handshake each time, on the cores being measured.
+    """
 
-async def _queue_ready(env: Isolated) -> int:
-    """Messages ready in the work queue (delivered but unacked ones are not counted)."""
-    connection = await broker.connect(env.amqp_url)
-    try:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(topology.WORK_QUEUE, passive=True)
+    def __init__(self, env: Isolated) -> None:
+        self._env = env
+        self._con: asyncpg.Connection | None = None
+        self._amqp: Any = None
+        self._channel: Any = None
+
+    async def __aenter__(self) -> Watcher:
+        self._con = await asyncpg.connect(self._env.database_url)
+        self._amqp = await broker.connect(self._env.amqp_url)
+        self._channel = await self._amqp.channel()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._amqp is not None:
+            await self._amqp.close()
+        if self._con is not None:
+            await self._con.close()
+
+    async def scalar(self, sql: str) -> Any:
+        assert self._con is not None
+        return await self._con.fetchval(sql)
+
+    async def settled(self, distinct: int) -> bool:
+        done = await self.scalar("select count(*) from recon.event_inbox where outcome <> 'retrying'")
+        return bool(done == distinct)
+
+    async def queue_ready(self) -> int:
+        """Messages ready in the work queue (delivered but unacked ones are not counted)."""
+        queue = await self._channel.declare_queue(topology.WORK_QUEUE, passive=True)
         assert queue.declaration_result.message_count is not None
         return int(queue.declaration_result.message_count)
-    finally:
-        await connection.close()
 
-
-async def _drained(env: Isolated, distinct: int) -> bool:
-    """Every distinct event final and nothing left to deliver (duplicates included)."""
-    return await _settled(env.database_url, distinct) and await _queue_ready(env) == 0
+    async def drained(self, distinct: int) -> bool:
+        """Every distinct event final and nothing left to deliver (duplicates included)."""
+        return await self.settled(distinct) and await self.queue_ready() == 0
 
 
 async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profile: bool) -> dict[str, Any]:
@@ -267,20 +289,23 @@ async def drain(env: Isolated, stream: event_stream.Stream, workdir: Path, profi
     )
     worker = _spawn("worker", worker_env, workdir / "worker.log")
     spy = _py_spy(worker.pid, workdir / "worker-profile.txt") if profile else None
-    try:
-        await _wait_ready(port, worker)
-        first = await _first_progress(env.database_url)
-        cpu_before = cpu_snapshot({"worker": worker.pid})
-        await _poll(lambda: _drained(env, len(stream.event_ids)), interval_s=0.05)
-        finished = time.perf_counter()
-        cpu = cpu_delta(cpu_before, cpu_snapshot({"worker": worker.pid}))
-        metrics_text = await _metrics(port)
-    finally:
-        code = _stop(worker)
-        if spy is not None:
-            spy.wait(30)
-    # Whatever the worker left unacked is back in the queue once it is gone: it must be nothing.
-    left_in_queue = await _queue_ready(env)
+    async with Watcher(env) as watch:
+        try:
+            await _wait_ready(port, worker)
+            # The clock starts with the first inbox row: the work, not the worker's start-up.
+            await _poll(lambda: watch.scalar("select exists (select 1 from recon.event_inbox)"), 0.01)
+            first = time.perf_counter()
+            cpu_before = cpu_snapshot({"worker": worker.pid})
+            await _poll(lambda: watch.drained(len(stream.event_ids)), interval_s=0.05)
+            finished = time.perf_counter()
+            cpu = cpu_delta(cpu_before, cpu_snapshot({"worker": worker.pid}))
+            metrics_text = await _metrics(port)
+        finally:
+            code = _stop(worker)
+            if spy is not None:
+                spy.wait(30)
+        # Whatever the worker left unacked is back in the queue once it is gone: it must be nothing.
+        left_in_queue = await watch.queue_ready()
     seconds = finished - first
     p99 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.99)
     p50 = histogram_quantile(metrics_text, "recon_reconcile_seconds", 0.50)
@@ -330,12 +355,6 @@ def cpu_snapshot(ours: dict[str, int]) -> dict[str, float]:
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     # PostgreSQL backends that exited in between took their CPU with them: that share is lost.
     return {who: max(0.0, after[who] - before[who]) for who in after}
-
-
-async def _first_progress(database_url: str) -> float:
-    """The moment the first event reached the inbox: the clock starts with the work, not the boot."""
-    await _poll(lambda: _scalar(database_url, "select exists (select 1 from recon.event_inbox)"), 0.01)
-    return time.perf_counter()
 
 
 def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -423,7 +442,8 @@ async def end_to_end(
         await asyncio.to_thread(sender.join)
         if sender.exitcode != 0:
             raise SystemExit(f"the load generator failed (exit {sender.exitcode}); its traceback is above")
-        await _poll(lambda: _settled(env.database_url, len(stream.event_ids)), interval_s=0.1)
+        async with Watcher(env) as watch:
+            await _poll(lambda: watch.settled(len(stream.event_ids)), interval_s=0.1)
         cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
     finally:
         code = max(_stop(process) for process in processes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -44,6 +45,14 @@ async def amqp_url() -> AsyncIterator[str]:
     vhost = await _vhosts.take()
     yield servers.amqp_url(vhost)
     _vhosts.release(vhost)
+
+
+@pytest_asyncio.fixture
+async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's own database."""
+    connection = await asyncpg.connect(database_url)
+    yield connection
+    await connection.close()
 
 
 def free_port() -> int:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
-import pytest
 
 from handlers import Delivery, Result, apply_events
 from tests import builders as b
@@ -129,13 +127,6 @@ async def _state(con: asyncpg.Connection, w: str, events: list[dict[str, Any]]) 
         ),
         "exceptions": await con.fetchval("select count(*) from recon.exceptions"),
     }
-
-
-@pytest.fixture
-async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
 
 
 async def test_a_batch_ends_as_one_transaction_per_delivery(con: asyncpg.Connection) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
 import pytest
 
@@ -12,11 +10,10 @@ from tests import host_records as h
 
 
 @pytest.fixture
-async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    await h.add_order_with_payment(connection, "O-1", "ch_1")
-    yield connection
-    await connection.close()
+async def con(con: asyncpg.Connection) -> asyncpg.Connection:
+    """conftest's connection, with the order O-1 and its payment ch_1 every test here starts from."""
+    await h.add_order_with_payment(con, "O-1", "ch_1")
+    return con
 
 
 async def _dispute_rows(con: asyncpg.Connection) -> list[tuple[str, int, str]]:

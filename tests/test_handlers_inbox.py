@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import pytest
 
 from handlers import DeadLetter, Policy, apply_event, record_dead_letter
 from tests import builders as b
 from tests import host_records as h
 from tests.stripe_events import encode
-
-
-@pytest.fixture
-async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
 
 
 async def test_second_delivery_of_an_applied_event_is_a_duplicate(con: asyncpg.Connection) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -17,13 +16,6 @@ from tests import host_records as h
 from tests.event_stream import HostPayment
 from tests.harness import wait_until
 from worker.consumer import SESSION_SETTINGS
-
-
-@pytest.fixture
-async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
 
 
 async def test_matches_by_charge_id(con: asyncpg.Connection) -> None:

@@ -4,7 +4,6 @@ both API eras."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -92,13 +91,6 @@ async def _final_state(con: asyncpg.Connection, charge_id: str) -> dict[str, Any
             "on p.order_id = o.id where p.stripe_charge_id = $1", charge_id),
         "exceptions": await con.fetchval("select count(*) from recon.exceptions"),
     }
-
-
-@pytest.fixture
-async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
 
 
 @pytest.mark.parametrize(

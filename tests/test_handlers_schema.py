@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
@@ -31,13 +30,6 @@ FINANCE_COLUMNS = {
         "stripe_event_id", "type", "created", "received_at", "processed_at", "outcome", "attempts",
     ],
 }
-
-
-@pytest.fixture
-async def con(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(database_url)
-    yield connection
-    await connection.close()
 
 
 async def _booked_charge(con: asyncpg.Connection) -> str:

@@ -155,14 +155,6 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
 # ---------------------------------------------------------------------------------- helpers
 
 
-async def _scalar(database_url: str, sql: str, *args: Any) -> Any:
-    con = await asyncpg.connect(database_url)
-    try:
-        return await con.fetchval(sql, *args)
-    finally:
-        await con.close()
-
-
 async def _wait_ready(port: int, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as http:
@@ -444,19 +436,18 @@ async def end_to_end(
             raise SystemExit(f"the load generator failed (exit {sender.exitcode}); its traceback is above")
         async with Watcher(env) as watch:
             await _poll(lambda: watch.settled(len(stream.event_ids)), interval_s=0.1)
-        cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
+            cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
+            # processed_at is now(), the transaction's start: one value per batch (two lanes rarely tie).
+            per_transaction = await watch.scalar(
+                "select count(*)::float8 / nullif(count(distinct processed_at), 0) from recon.event_inbox"
+                " where processed_at is not null"
+            )
     finally:
         code = max(_stop(process) for process in processes)
         for spy in spies:
             spy.wait(30)
     report = json.loads(out.read_text())
     lags = await _ledger_lags(env.database_url, report["sent"])
-    # processed_at is now(), the transaction's start: one value per batch (two lanes rarely tie).
-    per_transaction = await _scalar(
-        env.database_url,
-        "select count(*)::float8 / nullif(count(distinct processed_at), 0) from recon.event_inbox"
-        " where processed_at is not null",
-    )
     return {
         "mode": "recon receiver + recon worker" if split else "recon run",
         "posts": len(bodies),

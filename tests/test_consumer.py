@@ -379,3 +379,58 @@ async def test_database_outage_defers_events_without_counting_failures(
         await proxy.close()
     assert (await applied(settings))["evt_outage"] > settings.max_attempts
     assert await dead(settings) == []
+
+
+async def test_consuming_resumes_on_the_new_channel_after_a_broker_cut(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """The consumers sit on aiormq's channel under the robust one: after the connection is cut and
+    restored, they consume again on the new channel, and an event published then is applied."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.tcp_proxy import TcpProxy
+
+    vhost = urlsplit(amqp_url)
+    mq = TcpProxy("127.0.0.1", vhost.port or 5672)
+    await mq.start()
+    proxied = dataclasses.replace(
+        settings, amqp_url=urlunsplit(vhost._replace(netloc=f"guest:guest@127.0.0.1:{mq.port}"))
+    )
+    try:
+        async with feeder(amqp_url, settings) as feed:
+            async with consumer_running(proxied, fake.rules()) as consumer:
+                await feed.event(event("evt_before_cut"))
+                await wait_until(lambda: _has(settings, "evt_before_cut"), what="first event applied")
+                await mq.cut()
+                await wait_until(lambda: _equals(consumer.broker_ready(), "broker unreachable"), what="down")
+                await mq.restore()
+                await wait_until(lambda: _is_none(consumer.broker_ready()), what="broker ready again")
+                await feed.event(event("evt_after_cut"))
+                await wait_until(lambda: _has(settings, "evt_after_cut"), what="event after the cut applied")
+            assert await feed.depth() == 0
+    finally:
+        await mq.close()
+    assert set(await applied(settings)) == {"evt_before_cut", "evt_after_cut"}
+
+
+async def test_a_consumer_the_broker_cancels_makes_the_worker_not_ready(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """Deleting the work queue under a running worker cancels its consumer: /readyz's broker check
+    says so (nothing consumes any more) instead of reporting ready."""
+    async with feeder(amqp_url, settings) as feed, consumer_running(settings, fake.rules()) as consumer:
+        assert await consumer.broker_ready() is None
+        channel = await feed.connection.channel()
+        await channel.queue_delete(topology.WORK_QUEUE)
+        await wait_until(
+            lambda: _startswith(consumer.broker_ready(), "a consumer was cancelled by the broker"),
+            what="readiness reports the cancelled consumer",
+        )
+
+
+async def _has(settings: Settings, event_id: str) -> bool:
+    return event_id in await applied(settings)
+
+
+async def _startswith(check: Any, prefix: str) -> bool:
+    return str(await check).startswith(prefix)

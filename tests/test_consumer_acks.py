@@ -19,7 +19,7 @@ class FakeChannel:
 
 @dataclass
 class FakeMessage:
-    """Just what AckWindow and finish_message use of an aio-pika IncomingMessage."""
+    """Just what AckWindow and finish_message use of a worker.deliveries.Delivery."""
 
     delivery_tag: int
     channel: FakeChannel

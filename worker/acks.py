@@ -17,8 +17,7 @@ import bisect
 import collections
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
+from worker.deliveries import Delivery
 from worker.verdicts import finish_message
 
 DEFAULT_MAX_HELD = 100
@@ -31,10 +30,10 @@ class AckWindow:
         self.channel = channel
         self._max_held = max_held
         self._outstanding: collections.deque[int] = collections.deque()
-        self._finished: dict[int, AbstractIncomingMessage] = {}
+        self._finished: dict[int, Delivery] = {}
         self._settled: set[int] = set()  # finished and already acked or nacked on their own
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
+    def delivered(self, message: Delivery) -> None:
         # Sorted even if callbacks ever ran out of order: a multiple ack covers every lower tag.
         bisect.insort(self._outstanding, _tag(message))
 
@@ -43,7 +42,7 @@ class AckWindow:
         """Finished deliveries not acked yet (waiting behind an unfinished one)."""
         return len(self._finished) - len(self._settled)
 
-    async def ack(self, *messages: AbstractIncomingMessage) -> bool:
+    async def ack(self, *messages: Delivery) -> bool:
         """Ack ``messages`` once they and everything delivered before them are finished: one frame
         for all of them (and whatever finished run they complete) when they reach the head."""
         for message in messages:
@@ -59,7 +58,7 @@ class AckWindow:
                 acked = await finish_message(message) and acked
         return acked
 
-    async def nack(self, message: AbstractIncomingMessage) -> bool:
+    async def nack(self, message: Delivery) -> bool:
         """Requeue ``message`` now; it counts as finished for the acks held behind it."""
         self._finished[_tag(message)] = message
         self._settled.add(_tag(message))
@@ -69,7 +68,7 @@ class AckWindow:
             await finish_message(carrier, multiple=True)
         return requeued
 
-    def _advance(self) -> AbstractIncomingMessage | None:
+    def _advance(self) -> Delivery | None:
         """Pop the finished run at the head; the last message of it not yet settled on its own
         carries the multiple ack (the settled ones are no longer outstanding at the broker)."""
         carrier = None
@@ -83,7 +82,7 @@ class AckWindow:
         return carrier
 
 
-def _tag(message: AbstractIncomingMessage) -> int:
+def _tag(message: Delivery) -> int:
     assert message.delivery_tag is not None
     return message.delivery_tag
 
@@ -95,7 +94,7 @@ class Acks:
         self._max_held = max_held
         self._windows: dict[int, AckWindow] = {}
 
-    def window(self, message: AbstractIncomingMessage) -> AckWindow:
+    def window(self, message: Delivery) -> AckWindow:
         channel = message.channel
         window = self._windows.get(id(channel))
         if window is None or window.channel is not channel:
@@ -104,12 +103,12 @@ class Acks:
             window = self._windows[id(channel)] = AckWindow(channel, self._max_held)
         return window
 
-    def delivered(self, message: AbstractIncomingMessage) -> None:
+    def delivered(self, message: Delivery) -> None:
         self.window(message).delivered(message)
 
-    async def ack(self, *messages: AbstractIncomingMessage) -> bool:
+    async def ack(self, *messages: Delivery) -> bool:
         """Ack ``messages`` (with as few frames as the windows allow); True if all were acked."""
-        by_window: dict[int, tuple[AckWindow, list[AbstractIncomingMessage]]] = {}
+        by_window: dict[int, tuple[AckWindow, list[Delivery]]] = {}
         for message in messages:
             window = self.window(message)
             by_window.setdefault(id(window), (window, []))[1].append(message)
@@ -118,5 +117,5 @@ class Acks:
             acked = await window.ack(*batch) and acked
         return acked
 
-    async def nack(self, message: AbstractIncomingMessage) -> bool:
+    async def nack(self, message: Delivery) -> bool:
         return await self.window(message).nack(message)

@@ -11,21 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustChannel, AbstractRobustConnection
 from aiohttp import web
+from aiormq.abc import DeliveredMessage
 
 from worker import broker, metrics, topology
 from worker.acks import Acks
 from worker.batches import Lanes
 from worker.broker import Publisher
 from worker.dead_letter_recorder import DeadLetterRecorder
-from worker.deliveries import Inbound, charge_key, inbound
+from worker.deliveries import Delivery, Inbound, charge_key, inbound
 from worker.health import READINESS_CHECKS, ReadinessCheck
 from worker.refund_fetch import RefundFetcher, StripeRefunds
 from worker.runner import BatchRunner, Rules, handlers_rules
@@ -58,18 +61,68 @@ def lane_count(settings: Settings) -> int:
 
 
 @dataclass(slots=True)
+class Subscription:
+    """One consumer of a queue, taken from aiormq under aio-pika's robust channel.
+
+    ``Queue.consume`` would wrap every delivery in an ``IncomingMessage`` and a second task
+    (worker.deliveries.Delivery says what that costs); here the callback gets a ``Delivery`` from
+    aiormq's own task. aio-pika restores the channel, its QoS and the passive queue declaration
+    after a reconnect; ``reopen_callbacks`` then consumes again on the new channel. A consumer the
+    broker cancels (its queue deleted) is not taken up again: /readyz says so until a restart.
+    """
+
+    channel: AbstractRobustChannel
+    queue_name: str
+    callback: Callable[[Delivery], Awaitable[None]]
+    tag: str | None = None
+    cancelled_by_broker: bool = False
+    _reopened: Callable[..., Awaitable[None]] | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        self._reopened = self._consume_again
+        self.channel.reopen_callbacks.add(self._reopened)
+        await self._consume()
+
+    async def _consume(self) -> None:
+        underlay = await self.channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        consume_ok = await underlay.basic_consume(self.queue_name, self._deliver)
+        self.tag = consume_ok.consumer_tag
+        self.cancelled_by_broker = False
+
+    async def _consume_again(self, *_: Any) -> None:
+        await self._consume()
+
+    async def _deliver(self, delivered: DeliveredMessage) -> None:
+        await self.callback(Delivery(delivered))
+
+    def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self.tag:
+            self.cancelled_by_broker = True
+            log.error("consumer_cancelled_by_broker", queue=self.queue_name)
+
+    async def cancel(self, timeout_s: float) -> None:
+        """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
+        if self._reopened is not None:
+            self.channel.reopen_callbacks.discard(self._reopened)
+        if self.tag is not None and not self.channel.is_closed:
+            underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
+            await underlay.basic_cancel(self.tag, timeout=timeout_s)
+
+
+@dataclass(slots=True)
 class Consumer:
     settings: Settings
     pool: asyncpg.Pool
     connection: AbstractRobustConnection
     lanes: Lanes[Inbound]
-    dead_lanes: Lanes[AbstractIncomingMessage]
+    dead_lanes: Lanes[Delivery]
     fetcher: StripeRefunds | None
-    consuming: list[tuple[AbstractQueue, str]]
+    consuming: list[Subscription]
     acks: Acks
     monitor: asyncio.Task[None] | None = None
 
-    async def on_event(self, message: AbstractIncomingMessage) -> None:
+    async def on_event(self, message: Delivery) -> None:
         try:
             self.acks.delivered(message)
         except aio_pika.exceptions.ChannelInvalidStateError:
@@ -77,13 +130,13 @@ class Consumer:
         item = inbound(message)
         self.lanes.route(charge_key(item.event), item)
 
-    async def on_dead_letter(self, message: AbstractIncomingMessage) -> None:
+    async def on_dead_letter(self, message: Delivery) -> None:
         self.dead_lanes.route("", message)
 
     async def stop_consuming(self) -> None:
-        for queue, tag in self.consuming:
+        for subscription in self.consuming:
             with contextlib.suppress(Exception):  # a dead channel has no consumer left to cancel
-                await queue.cancel(tag, timeout=CHECK_TIMEOUT_S)
+                await subscription.cancel(CHECK_TIMEOUT_S)
         self.consuming.clear()
 
     async def drain(self) -> None:
@@ -108,6 +161,8 @@ class Consumer:
     async def broker_ready(self) -> str | None:
         if self.connection.is_closed or not self.connection.connected.is_set():
             return "broker unreachable"
+        if any(subscription.cancelled_by_broker for subscription in self.consuming):
+            return "a consumer was cancelled by the broker (its queue deleted?); restart the worker"
         return None
 
     async def database_ready(self) -> str | None:
@@ -167,13 +222,15 @@ async def _consume(
     connection: AbstractRobustConnection,
     queue_name: str,
     prefetch: int,
-    callback: Callable[[AbstractIncomingMessage], object],
-) -> tuple[AbstractQueue, str]:
-    channel = await connection.channel()
+    callback: Callable[[Delivery], Awaitable[None]],
+) -> Subscription:
+    channel = connection.channel()
+    await channel.initialize()
     await channel.set_qos(prefetch_count=prefetch)
-    queue = await channel.get_queue(queue_name, ensure=True)
-    tag = await queue.consume(callback)  # type: ignore[arg-type]
-    return queue, tag
+    await channel.get_queue(queue_name, ensure=True)  # restored (passively) after a reconnect
+    subscription = Subscription(channel, queue_name, callback)
+    await subscription.start()
+    return subscription
 
 
 async def start_consumer(settings: Settings, rules: Rules, fetcher: RefundFetcher | None = None) -> Consumer:

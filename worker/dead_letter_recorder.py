@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
 from worker import topology
-from worker.deliveries import UNKNOWN, header_int
+from worker.deliveries import UNKNOWN, Delivery, header_int
 from worker.runner import Rules, retrying_transient_db_errors
 from worker.verdicts import finish_message, one_line
 
@@ -60,7 +59,7 @@ def _error_and_attempts(headers: dict[str, Any], delivery_limit: int) -> tuple[s
     return f"dead-lettered by RabbitMQ: {reason}", header_int(headers, topology.HEADER_ATTEMPT, 1)
 
 
-def _identity(message: AbstractIncomingMessage) -> tuple[str, str]:
+def _identity(message: Delivery) -> tuple[str, str]:
     """(event id, event type) from the body when it is an event, else from the message properties."""
     try:
         event = orjson.loads(message.body)
@@ -71,7 +70,7 @@ def _identity(message: AbstractIncomingMessage) -> tuple[str, str]:
     return message.message_id or UNKNOWN, message.type or UNKNOWN
 
 
-def dead_letter_from(message: AbstractIncomingMessage, delivery_limit: int) -> DeadLetter:
+def dead_letter_from(message: Delivery, delivery_limit: int) -> DeadLetter:
     from handlers import DeadLetter
 
     headers = dict(message.headers or {})
@@ -94,11 +93,11 @@ class DeadLetterRecorder:
         self._rules = rules
         self._delivery_limit = delivery_limit
 
-    async def run(self, batch: Sequence[AbstractIncomingMessage]) -> None:
+    async def run(self, batch: Sequence[Delivery]) -> None:
         for message in batch:
             await self._record(message)
 
-    async def _record(self, message: AbstractIncomingMessage) -> None:
+    async def _record(self, message: Delivery) -> None:
         dead = dead_letter_from(message, self._delivery_limit)
         try:
             async for attempt in retrying_transient_db_errors(RECORD_RETRY_FOR_S):

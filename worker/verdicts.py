@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 
 from worker import metrics, topology
 from worker.broker import Publisher, PublishFailed
-from worker.deliveries import Inbound
+from worker.deliveries import Delivery, Inbound
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -131,7 +130,7 @@ async def settle(
 
 
 async def finish_message(
-    message: AbstractIncomingMessage, *, requeue: bool | None = None, multiple: bool = False
+    message: Delivery, *, requeue: bool | None = None, multiple: bool = False
 ) -> bool:
     """Ack (or nack with requeue), shielded from cancellation: a commit is never left half-reported.
 

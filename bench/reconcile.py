@@ -534,6 +534,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         env, stream = await _prepared("e2e", args.e2e_events)
         # pgbench leaves dirty buffers and autovacuum work behind: let the server catch up first.
         await asyncio.to_thread(_quiesce)
+        results["host_speed_ms_before_e2e"] = host_speed_ms()
         try:
             key = "end_to_end_split" if args.e2e_split else "end_to_end"
             results[key] = await end_to_end(
@@ -550,6 +551,21 @@ def _quiesce(settle_s: float = 5.0) -> None:
     time.sleep(settle_s)
 
 
+def host_speed_ms(rounds: int = 5) -> float:
+    """CPU milliseconds of one fixed piece of Python work (best of ``rounds``): the same code costs
+    up to 1.7× more from one quarter hour to the next on these shared hosts, so each run records
+    this beside its figures, and runs are compared with it in view (docs/performance.md)."""
+    body = encode(event_stream.build(1, tag="speed").events[0])
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        for _ in range(2_000):
+            json.loads(body)
+        sum(i * i for i in range(200_000))
+        best = min(best, time.process_time() - started)
+    return round(best * 1000, 1)
+
+
 def _machine() -> dict[str, Any]:
     cpu = next(
         (
@@ -564,6 +580,7 @@ def _machine() -> dict[str, Any]:
         "cpu": cpu,
         "python": sys.version.split()[0],
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],  # others' work on a shared box
+        "host_speed_ms_at_start": host_speed_ms(),
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -76,22 +76,17 @@ class Subscription:
     callback: Callable[[Delivery], Awaitable[None]]
     tag: str | None = None
     cancelled_by_broker: bool = False
-    _reopened: Callable[..., Awaitable[None]] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
-        self._reopened = self._consume_again
-        self.channel.reopen_callbacks.add(self._reopened)
+        self.channel.reopen_callbacks.add(self._consume)
         await self._consume()
 
-    async def _consume(self) -> None:
+    async def _consume(self, *_reopened_channel: Any) -> None:
         underlay = await self.channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
         consume_ok = await underlay.basic_consume(self.queue_name, self._deliver)
         self.tag = consume_ok.consumer_tag
         self.cancelled_by_broker = False
-
-    async def _consume_again(self, *_: Any) -> None:
-        await self._consume()
 
     async def _deliver(self, delivered: DeliveredMessage) -> None:
         await self.callback(Delivery(delivered))
@@ -103,8 +98,7 @@ class Subscription:
 
     async def cancel(self, timeout_s: float) -> None:
         """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
-        if self._reopened is not None:
-            self.channel.reopen_callbacks.discard(self._reopened)
+        self.channel.reopen_callbacks.discard(self._consume)
         if self.tag is not None and not self.channel.is_closed:
             underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
             await underlay.basic_cancel(self.tag, timeout=timeout_s)

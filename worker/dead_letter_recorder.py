@@ -73,7 +73,7 @@ def _identity(message: Delivery) -> tuple[str, str]:
 def dead_letter_from(message: Delivery, delivery_limit: int) -> DeadLetter:
     from handlers import DeadLetter
 
-    headers = dict(message.headers or {})
+    headers = message.headers
     event_id, event_type = _identity(message)
     error, attempts = _error_and_attempts(headers, delivery_limit)
     first_seen_ms = header_int(headers, topology.HEADER_FIRST_SEEN_MS, int(time.time() * 1000))

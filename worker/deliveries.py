@@ -35,6 +35,7 @@ class Delivery:
 
     @property
     def headers(self) -> dict[str, Any]:
+        """A copy of the message's headers: callers add their own (retry copies) to it."""
         return dict(self._delivered.header.properties.headers or {})
 
     @property

@@ -70,7 +70,7 @@ def deferred(reason: str) -> Verdict:
 
 def _copy(item: Inbound, extra: dict[str, Any]) -> aio_pika.Message:
     original = item.message
-    headers: dict[str, Any] = dict(original.headers or {})
+    headers = original.headers  # a copy of its own
     headers[topology.HEADER_FIRST_SEEN_MS] = item.first_seen_ms
     headers.update(extra)
     return aio_pika.Message(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pamqp import commands as spec
 
 from worker import topology
 from worker.settings import Settings
@@ -43,25 +45,62 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         await channel.close()
 
 
+PERSISTENT = 2  # AMQP delivery mode: the broker writes the message to disk
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to publish: the raw body and its AMQP properties, built once.
+
+    Not an ``aio_pika.Message``: building one and then its ``.properties`` cost ~26 µs a publish
+    against ~2 µs for the properties alone, on the receiver's path for every webhook.
+    """
+
+    body: bytes
+    properties: spec.Basic.Properties
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+    @property
+    def type(self) -> str | None:
+        return self.properties.message_type
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.properties.headers or {}
+
+    @property
+    def delivery_mode(self) -> int | None:
+        return self.properties.delivery_mode
+
+
+def persistent_message(
+    body: bytes, message_id: str | None, message_type: str | None, headers: dict[str, Any]
+) -> Outgoing:
+    properties = spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_id=message_id,
+        message_type=message_type,
+        headers=headers,
+    )
+    return Outgoing(body, properties)
+
+
 def event_message(
     body: bytes,
     event_id: str,
     event_type: str,
     created: int,
     headers: Mapping[str, Any] | None = None,
-) -> aio_pika.Message:
+) -> Outgoing:
     all_headers: dict[str, Any] = {topology.HEADER_CREATED: created}
     all_headers.setdefault(topology.HEADER_FIRST_SEEN_MS, int(time.time() * 1000))
     if headers:
         all_headers.update(headers)
-    return aio_pika.Message(
-        body,
-        message_id=event_id,
-        type=event_type,
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers=all_headers,
-    )
+    return persistent_message(body, event_id, event_type, all_headers)
 
 
 class Publisher:
@@ -75,18 +114,18 @@ class Publisher:
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
 
-    async def publish_event(self, message: aio_pika.Message) -> None:
+    async def publish_event(self, message: Outgoing) -> None:
         """Route by event type into the work queue; returns only once the broker confirmed."""
         await self._confirm(topology.EVENTS_EXCHANGE, message, routing_key=message.type or "")
 
-    async def publish_to_queue(self, message: aio_pika.Message, queue_name: str) -> None:
+    async def publish_to_queue(self, message: Outgoing, queue_name: str) -> None:
         """Straight into a named queue (retry wait queues, the work queue on replay)."""
         await self._confirm("", message, routing_key=queue_name)
 
-    async def publish_dead_letter(self, message: aio_pika.Message) -> None:
+    async def publish_dead_letter(self, message: Outgoing) -> None:
         await self._confirm(topology.DEAD_EXCHANGE, message, routing_key="")
 
-    async def _confirm(self, exchange: str, message: aio_pika.Message, routing_key: str) -> None:
+    async def _confirm(self, exchange: str, message: Outgoing, routing_key: str) -> None:
         try:
             if self._channel.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("channel closed")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import aio_pika
 import asyncpg
 
 from worker import broker, topology
@@ -119,7 +118,7 @@ def _created_of(body: bytes) -> int:
     return created if isinstance(created, int) else 0
 
 
-def replay_message(letter: StoredDeadLetter) -> aio_pika.Message:
+def replay_message(letter: StoredDeadLetter) -> broker.Outgoing:
     """The stored raw body as a fresh delivery: attempt 1, no failures, first seen now."""
     return broker.event_message(
         letter.body,

@@ -47,10 +47,6 @@ class Delivery:
         return self._delivered.header.properties.message_type
 
     @property
-    def content_type(self) -> str | None:
-        return self._delivered.header.properties.content_type
-
-    @property
     def channel(self) -> AbstractChannel:
         """The channel it came on; raises once that channel is closed (its acks are void then)."""
         channel = self._delivered.channel

@@ -140,7 +140,7 @@ class BrokerLink:
             return "broker connection lost, reconnecting"
         return None
 
-    async def publish(self, message: aio_pika.Message) -> None:
+    async def publish(self, message: broker.Outgoing) -> None:
         """Returns once the broker confirmed; raises BrokerUnavailable or broker.PublishFailed."""
         reason = self.not_ready_reason()
         if reason is not None or self._publisher is None:

@@ -16,7 +16,7 @@ import aio_pika
 import structlog
 
 from worker import metrics, topology
-from worker.broker import Publisher, PublishFailed
+from worker.broker import Outgoing, Publisher, PublishFailed, persistent_message
 from worker.deliveries import Delivery, Inbound
 from worker.settings import Settings
 
@@ -68,22 +68,15 @@ def deferred(reason: str) -> Verdict:
     return Verdict("retry", "retrying", reason=reason)
 
 
-def _copy(item: Inbound, extra: dict[str, Any]) -> aio_pika.Message:
+def _copy(item: Inbound, extra: dict[str, Any]) -> Outgoing:
     original = item.message
     headers = original.headers  # a copy of its own
     headers[topology.HEADER_FIRST_SEEN_MS] = item.first_seen_ms
     headers.update(extra)
-    return aio_pika.Message(
-        original.body,
-        message_id=original.message_id,
-        type=original.type,
-        content_type=original.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        headers=headers,
-    )
+    return persistent_message(original.body, original.message_id, original.type, headers)
 
 
-def retry_message(item: Inbound, verdict: Verdict, settings: Settings) -> tuple[aio_pika.Message, str]:
+def retry_message(item: Inbound, verdict: Verdict, settings: Settings) -> tuple[Outgoing, str]:
     """The copy for the wait queue and the queue's name. Failures wait longer the more they fail."""
     failures = item.failures + (1 if verdict.reason == "failed" else 0)
     step = failures if verdict.reason == "failed" else item.attempt
@@ -92,7 +85,7 @@ def retry_message(item: Inbound, verdict: Verdict, settings: Settings) -> tuple[
     return message, topology.retry_queue_name(delay_s)
 
 
-def dead_letter_message(item: Inbound, verdict: Verdict) -> aio_pika.Message:
+def dead_letter_message(item: Inbound, verdict: Verdict) -> Outgoing:
     failures = item.failures + 1  # this attempt failed too, whether by error or by an unreadable body
     return _copy(
         item,

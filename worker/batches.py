@@ -71,9 +71,9 @@ class Lane(Generic[T]):
         while seen < self._max_batch - 1 and waited_s < LINGER_MAX_S:
             await asyncio.sleep(LINGER_S)
             waited_s += LINGER_S
-            grown, seen = self._queue.qsize() > seen, self._queue.qsize()
-            if not grown:
+            if self._queue.qsize() == seen:  # only this lane takes from its queue: it never shrinks here
                 return
+            seen = self._queue.qsize()
 
     async def drain(self) -> None:
         """Return once every message handed to this lane has been run (committed and acked)."""

@@ -45,9 +45,6 @@ async def declare_topology(connection: AbstractRobustConnection, settings: Setti
         await channel.close()
 
 
-PERSISTENT = 2  # AMQP delivery mode: the broker writes the message to disk
-
-
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     """A message to publish: the raw body and its AMQP properties, built once.
@@ -81,7 +78,7 @@ def persistent_message(
 ) -> Outgoing:
     properties = spec.Basic.Properties(
         content_type="application/json",
-        delivery_mode=PERSISTENT,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,  # the broker writes it to disk
         message_id=message_id,
         message_type=message_type,
         headers=headers,

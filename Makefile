@@ -5,13 +5,17 @@ run:
 	bash scripts/setup.sh services venv app
 	.venv/bin/recon run
 
+# The import contracts run first: they take a second and say at once when the layout broke.
 test:
 	bash scripts/setup.sh services venv
+	.venv/bin/lint-imports
 	.venv/bin/pytest
 
 lint:
-	.venv/bin/ruff check worker handlers tests bench
+	.venv/bin/ruff check worker handlers tests bench scripts
+	.venv/bin/ruff format --check worker handlers tests bench scripts
 	.venv/bin/mypy
+	.venv/bin/lint-imports
 
 bench:
 	bash scripts/setup.sh services venv

@@ -427,23 +427,24 @@ async def purge_work_queue(amqp_url: str) -> None:
 
 
 async def publish_only(amqp_url: str, count: int, concurrency: int) -> PhaseResult:
-    """The ceiling without HTTP: worker.broker.Publisher alone, this process publishing fixture
+    """The ceiling without HTTP: worker.Publisher alone, this process publishing fixture
     bodies with `concurrency` confirms in flight on one channel, as the receiver does."""
     sys.path.insert(0, str(ROOT))
-    from worker import broker
+    from worker.amqp.connection import connect, declare_topology, open_confirm_channel
+    from worker.amqp.publisher import Publisher, event_message
     from worker.settings import Settings
 
     settings = Settings(amqp_url=amqp_url)
-    connection = await broker.connect(amqp_url)
-    await broker.declare_topology(connection, settings)
-    publisher = broker.Publisher(await broker.open_confirm_channel(connection))
+    connection = await connect(amqp_url)
+    await declare_topology(connection, settings)
+    publisher = Publisher(await open_confirm_channel(connection))
     bodies = event_templates()
     tally, remaining = Tally(), iter(range(count))
 
     async def publish_some() -> None:
         for i in remaining:
             started = time.perf_counter()
-            message = broker.event_message(
+            message = event_message(
                 bodies[i % len(bodies)], f"evt_probe{i}", EVENT_MIX[i % len(EVENT_MIX)][0], 1
             )
             await publisher.publish_event(message)

@@ -49,7 +49,10 @@ sys.path.insert(0, str(ROOT))
 from bench import webhook_sender  # noqa: E402
 from tests import event_stream  # noqa: E402
 from tests.stripe_events import encode  # noqa: E402
-from worker import broker, migrate, topology  # noqa: E402
+from worker.amqp import topology  # noqa: E402
+from worker.amqp.connection import connect, declare_topology, open_confirm_channel  # noqa: E402
+from worker.amqp.publisher import Publisher, event_message  # noqa: E402
+from worker.ops import migrate  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("RECON_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -200,16 +203,16 @@ def histogram_quantile(metrics_text: str, name: str, q: float) -> float | None:
 async def fill_queue(env: Isolated, events: list[dict[str, Any]]) -> float:
     """Publish every event with confirms, many in flight; returns the publish rate."""
     settings = _settings(env)
-    connection = await broker.connect(env.amqp_url)
+    connection = await connect(env.amqp_url)
     try:
-        await broker.declare_topology(connection, settings)
-        publisher = broker.Publisher(await broker.open_confirm_channel(connection))
+        await declare_topology(connection, settings)
+        publisher = Publisher(await open_confirm_channel(connection))
         started = time.perf_counter()
         for start in range(0, len(events), PUBLISH_IN_FLIGHT):
             chunk = events[start : start + PUBLISH_IN_FLIGHT]
             await asyncio.gather(
                 *(
-                    publisher.publish_event(broker.event_message(encode(e), e["id"], e["type"], e["created"]))
+                    publisher.publish_event(event_message(encode(e), e["id"], e["type"], e["created"]))
                     for e in chunk
                 )
             )
@@ -244,7 +247,7 @@ class Watcher:
 
     async def __aenter__(self) -> Watcher:
         self._con = await asyncpg.connect(self._env.database_url)
-        self._amqp = await broker.connect(self._env.amqp_url)
+        self._amqp = await connect(self._env.amqp_url)
         self._channel = await self._amqp.channel()
         return self
 
@@ -393,7 +396,7 @@ async def end_to_end(
     split: bool = False,
     profile: bool = False,
 ) -> dict[str, Any]:
-    """``recon run`` (receiver and worker in one process, CONTRACT §2), or with ``split`` the same
+    """``recon run`` (receiver and worker in one process), or with ``split`` the same
     pair as two processes on this machine: `recon receiver` and `recon worker`."""
     secret = "whsec_" + secrets.token_hex(16)
     http_port, worker_port = _free_port(), _free_port()
@@ -405,8 +408,8 @@ async def end_to_end(
         RECON_WORKER_CONCURRENCY=str(CONCURRENCY),
     )
     settings = _settings(env)
-    connection = await broker.connect(env.amqp_url)
-    await broker.declare_topology(connection, settings)
+    connection = await connect(env.amqp_url)
+    await declare_topology(connection, settings)
     await connection.close()
     if split:
         processes = [

@@ -1,4 +1,4 @@
-"""Audit rows (rule 9): one per change, with the actions CONTRACT §7.9 names."""
+"""Audit rows (rule 9): one per change, each action named for the change it records."""
 
 from __future__ import annotations
 

@@ -12,16 +12,13 @@ a payment or an owner is written; nothing between two events of a batch can see 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import asyncpg
 
+from handlers.bookings import Entry
+from handlers.interface import Outcome
 from handlers.matching import LockedPayments, Payment
-
-if TYPE_CHECKING:
-    from handlers import Outcome
-    from handlers.bookings import Entry
-    from handlers.statuses import StatusWrite
+from handlers.statuses import StatusWrite
 
 # A rejected order keeps its status; an owner row is written only when its status or disputed
 # flag moves, so an order shared by payments in different worker lanes is locked as rarely as
@@ -126,7 +123,7 @@ class Batch:
         """The payment's one ``charge`` row (the caller holds its lock and saw it not booked)."""
         self._charges.append(ChargeRow(entry, payment_id, event_id))
 
-    def settle(
+    def record_outcome(
         self,
         event_id: str,
         object_id: str | None,

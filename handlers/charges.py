@@ -42,29 +42,34 @@ def is_newest_snapshot(payment: Payment, applied: AppliedEvent) -> bool:
     return snapshot_key(applied) >= stored
 
 
-def advance_snapshot(payment: Payment, applied: AppliedEvent) -> None:
-    if is_newest_snapshot(payment, applied):
-        created, rank, event_id = snapshot_key(applied)
-        if (payment.snapshot_created, payment.snapshot_rank, payment.snapshot_event_id) != (
-            created,
-            rank,
-            event_id,
-        ):
-            payment.snapshot_created, payment.snapshot_rank = created, rank
-            payment.snapshot_event_id = event_id
-            applied.changed = True
+def advance_snapshot(payment: Payment, applied: AppliedEvent) -> bool:
+    """Make ``applied`` the payment's newest charge snapshot if it is; True if that changed it."""
+    if not is_newest_snapshot(payment, applied):
+        return False
+    created, rank, event_id = snapshot_key(applied)
+    if (payment.snapshot_created, payment.snapshot_rank, payment.snapshot_event_id) == (
+        created,
+        rank,
+        event_id,
+    ):
+        return False
+    payment.snapshot_created, payment.snapshot_rank = created, rank
+    payment.snapshot_event_id = event_id
+    return True
 
 
-def _note_charge(applied: AppliedEvent, payment: Payment) -> None:
+def _note_charge(applied: AppliedEvent, payment: Payment) -> bool:
+    """Note the charge id and the largest amount_captured shown; True if the latter grew."""
     charge = applied.ref.charge
     if payment.stripe_charge_id is None and applied.ref.charge_id is not None:
         payment.stripe_charge_id = applied.ref.charge_id
     if charge is None:
-        return
+        return False
     captured = captured_amount(charge)
     if captured is not None and (payment.amount_captured is None or captured > payment.amount_captured):
         payment.amount_captured = captured
-        applied.changed = True
+        return True
+    return False
 
 
 def _charge_entry(applied: AppliedEvent, payment: Payment) -> Entry | None:
@@ -81,26 +86,26 @@ def _charge_entry(applied: AppliedEvent, payment: Payment) -> Entry | None:
     return Entry("charge", f"payment:{payment.id}", amount, payment.currency, occurred_at, object_id)
 
 
-def observe(applied: AppliedEvent, payment: Payment) -> None:
+def observe(applied: AppliedEvent, payment: Payment) -> bool:
     """For every matched event: note what it shows of the charge; book the charge row if due
-    (with the batch's last statement: under the payment's lock, nothing else books it)."""
-    _note_charge(applied, payment)
+    (with the batch's last statement: under the payment's lock, nothing else books it).
+    True if it changed anything."""
+    noted = _note_charge(applied, payment)
     if payment.charge_booked:
-        return
+        return noted
     entry = _charge_entry(applied, payment)
     if entry is None:
-        return
+        return noted
     applied.batch.book_charge(entry, payment.id, applied.event_id)
     # The status_changed audit row (pending → paid) that follows records the booking.
     payment.charge_booked = True
-    applied.changed = True
+    return True
 
 
 def on_charge_event(applied: AppliedEvent, payment: Payment, _pipeline: Pipeline) -> Then:
     """charge.succeeded / charge.captured: everything is in observe(); record the snapshot."""
 
     async def then(_con: asyncpg.Connection) -> Step:
-        advance_snapshot(payment, applied)
-        return Step()
+        return Step(changed=advance_snapshot(payment, applied))
 
     return then

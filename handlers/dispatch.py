@@ -1,4 +1,4 @@
-"""apply_events: a batch of events, inside the transaction or savepoint the runtime opened (§7).
+"""apply_events: a batch of events, inside the transaction or savepoint the runtime opened.
 
 Inbox claims and payment locks for the whole batch (two round trips) → per event, in delivery
 order: match the payment → currency check → the event family's handler plans its statements →
@@ -17,8 +17,6 @@ from typing import Any
 
 import asyncpg
 
-from handlers import Delivery, Outcome, Policy, Result
-from handlers import dead_letters as _dead_letters
 from handlers.audit import audit
 from handlers.batch import Batch
 from handlers.charges import observe, on_charge_event
@@ -26,6 +24,7 @@ from handlers.disputes import on_dispute_event
 from handlers.event import AppliedEvent, Step, Then
 from handlers.finance_exceptions import raise_exception
 from handlers.inbox import claim
+from handlers.interface import EventToApply, Outcome, Policy, Result
 from handlers.matching import (
     OwnerCurrencyMismatch,
     Payment,
@@ -43,12 +42,14 @@ from handlers.payloads import (
 )
 from handlers.pipeline import Pipeline
 from handlers.refunds import on_charge_refunded, on_refund_event
-from handlers.statuses import finish, plan
+from handlers.statuses import NO_WRITE, StatusWrite, plan
 
 # Plans the event's statements into the pipeline; what it returns concludes once they have run.
 FamilyHandler = Callable[[AppliedEvent, Payment, Pipeline], Then]
 
-FAMILY_HANDLERS: dict[str, FamilyHandler] = {
+# The types the rules apply; the receiver queues only these (worker/events.py lists them, and
+# tests/test_handled_types.py keeps the two lists equal).
+HANDLERS: dict[str, FamilyHandler] = {
     "charge.succeeded": on_charge_event,
     "charge.captured": on_charge_event,
     "charge.refunded": on_charge_refunded,
@@ -62,8 +63,6 @@ FAMILY_HANDLERS: dict[str, FamilyHandler] = {
     "charge.dispute.funds_withdrawn": on_dispute_event,
     "charge.dispute.funds_reinstated": on_dispute_event,
 }
-
-record_dead_letter = _dead_letters.record_dead_letter
 
 
 class UnhandledEventType(ValueError):
@@ -104,17 +103,21 @@ def _result(
         stripe_object_id=applied.object_id,
         order_number=payment.order_number if payment is not None else None,
         invoice_number=payment.invoice_number if payment is not None else None,
-        detail=dict(step.detail) if step is not None else {},
     )
+
+
+def _record(
+    applied: AppliedEvent, outcome: Outcome, payment: Payment | None = None, write: StatusWrite = NO_WRITE
+) -> None:
+    """The event's inbox outcome and the payment's changes (if any), written with the batch's end."""
+    applied.batch.record_outcome(applied.event_id, applied.object_id, outcome, payment, write)
 
 
 async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
     """Nothing matches the charge: retry until the policy's deadline, then raise an exception."""
     if applied.may_retry:
-        finish(applied, "retrying")
-        return Result(
-            "retrying", retry_reason="unmatched_charge", stripe_object_id=applied.object_id
-        )
+        _record(applied, "retrying")
+        return Result("retrying", retry_reason="unmatched_charge", stripe_object_id=applied.object_id)
     detail = {
         "event_type": applied.type,
         "charge_id": applied.ref.charge_id,
@@ -123,11 +126,9 @@ async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:
     await raise_exception(
         con, "unmatched_charge", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    await audit(
-        con, "event_unmatched", event_id=applied.event_id, object_id=applied.object_id, detail=detail
-    )
-    finish(applied, "unmatched")
-    return Result("unmatched", stripe_object_id=applied.object_id, detail=detail)
+    await audit(con, "event_unmatched", event_id=applied.event_id, object_id=applied.object_id, detail=detail)
+    _record(applied, "unmatched")
+    return Result("unmatched", stripe_object_id=applied.object_id)
 
 
 async def _currency_mismatch(
@@ -137,38 +138,32 @@ async def _currency_mismatch(
     await raise_exception(
         con, "currency_mismatch", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    finish(applied, "mismatch")
-    return Result(
-        "mismatch",
-        stripe_object_id=applied.object_id,
-        order_number=payment.order_number if payment is not None else None,
-        invoice_number=payment.invoice_number if payment is not None else None,
-        detail=detail,
-    )
+    _record(applied, "mismatch")
+    return _result(applied, "mismatch", payment)
 
 
 async def _conclude(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment, then: Then) -> Result:
     before = payment.copy()
-    observe(applied, payment)
+    observed = observe(applied, payment)
     step = await then(con)
-    write = plan(applied, before, payment)
+    write = plan(before, payment)
     outcome: Outcome = step.outcome
-    if outcome == "applied" and not applied.changed:
+    if outcome == "applied" and not (observed or step.changed or write.audit_details):
         outcome = "stale"  # an older or repeated snapshot: nothing newer than what is stored
-    finish(applied, outcome, payment, write)
+    _record(applied, outcome, payment, write)
     return _result(applied, outcome, payment, step)
 
 
 async def apply_events(
-    con: asyncpg.Connection, deliveries: Sequence[Delivery], policy: Policy
+    con: asyncpg.Connection, incoming: Sequence[EventToApply], policy: Policy
 ) -> list[Result]:
-    """Apply ``deliveries`` in order inside the caller's transaction; one Result each."""
+    """Apply ``incoming`` in order inside the caller's transaction; one Result each."""
     results: dict[int, Result] = {}
-    for round_ in _rounds(deliveries):
+    for round_ in _rounds(incoming):
         batch = Batch()
-        events = [AppliedEvent.from_delivery(deliveries[i], policy, batch) for i in round_]
+        events = [AppliedEvent.from_incoming(incoming[i], policy, batch) for i in round_]
         for applied in events:
-            if applied.type not in FAMILY_HANDLERS:
+            if applied.type not in HANDLERS:
                 raise UnhandledEventType(f"event type {applied.type!r} is not handled")
         claims = await claim(con, events)
         due = [applied for applied in events if not claims[applied.event_id].already_final]
@@ -183,27 +178,27 @@ async def apply_events(
             applied.first_seen_at = inbox_claim.first_seen_at
             match = await _match(con, applied)
             if isinstance(match, Payment):
-                planned.append((i, applied, match, FAMILY_HANDLERS[applied.type](applied, match, pipeline)))
+                planned.append((i, applied, match, HANDLERS[applied.type](applied, match, pipeline)))
             else:
                 results[i] = match
         await pipeline.run(con)
         for i, applied, payment, then in planned:
             results[i] = await _conclude(con, applied, payment, then)
         await batch.flush(con)
-    return [results[i] for i in range(len(deliveries))]
+    return [results[i] for i in range(len(incoming))]
 
 
-async def apply_event(con: asyncpg.Connection, delivery: Delivery, policy: Policy) -> Result:
+async def apply_event(con: asyncpg.Connection, incoming: EventToApply, policy: Policy) -> Result:
     """One event: a batch of one."""
-    return (await apply_events(con, [delivery], policy))[0]
+    return (await apply_events(con, [incoming], policy))[0]
 
 
-def _rounds(deliveries: Sequence[Delivery]) -> list[list[int]]:
-    """Indexes of ``deliveries`` in rounds: the n-th delivery of an event id goes in round n."""
+def _rounds(incoming: Sequence[EventToApply]) -> list[list[int]]:
+    """Indexes of ``incoming`` in rounds: the n-th delivery of an event id goes in round n."""
     rounds: list[list[int]] = []
     seen: dict[str, int] = {}
-    for i, delivery in enumerate(deliveries):
-        event_id = str(delivery.event["id"])
+    for i, given in enumerate(incoming):
+        event_id = str(given.event["id"])
         n = seen[event_id] = seen.get(event_id, -1) + 1
         if n == len(rounds):
             rounds.append([])

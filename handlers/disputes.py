@@ -94,9 +94,8 @@ def _plan_record(
     return pipeline.add(_RECORD_DISPUTE, args)
 
 
-def _open(applied: AppliedEvent, row: asyncpg.Record) -> bool:
-    if row["saved_status"] is not None:
-        applied.changed = True
+def _open(row: asyncpg.Record) -> bool:
+    """Does the payment have a dispute that is not closed, after this snapshot was saved?"""
     current = row["saved_status"] or row["old_status"]
     return bool(row["others_open"]) or current not in CLOSED_STATUSES
 
@@ -129,7 +128,11 @@ def _plan_balance_transactions(
             detail = {"balance_transaction": entry.source_id, "dispute_status": dispute.get("status")}
             tickets.append(
                 plan_booking(
-                    pipeline, entry, payment_id=payment.id, event_id=applied.event_id, action=action,
+                    pipeline,
+                    entry,
+                    payment_id=payment.id,
+                    event_id=applied.event_id,
+                    action=action,
                     detail=detail,
                 )
             )
@@ -143,9 +146,9 @@ def on_dispute_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline
     bookings = _plan_balance_transactions(pipeline, applied, payment, dispute)
 
     async def then(_con: asyncpg.Connection) -> Step:
-        payment.disputed = _open(applied, pipeline.row(record))
-        if any([booked(pipeline, ticket) for ticket in bookings]):
-            applied.changed = True
-        return Step()
+        row = pipeline.row(record)
+        payment.disputed = _open(row)
+        any_booked = any([booked(pipeline, ticket) for ticket in bookings])
+        return Step(changed=row["saved_status"] is not None or any_booked)
 
     return then

@@ -1,26 +1,24 @@
-"""The event being applied: its envelope fields, its delivery and what applying it has changed."""
+"""The event being applied: its envelope fields, what the runtime handed over, and its batch."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
 
 import asyncpg
 
-from handlers import Delivery, Policy
+from handlers.batch import Batch
+from handlers.interface import EventToApply, Policy
 from handlers.payloads import ChargeRef, charge_ref, stripe_id, timestamp
-
-if TYPE_CHECKING:
-    from handlers.batch import Batch
 
 StepOutcome = Literal["applied", "retrying", "mismatch"]
 
 
 @dataclass(slots=True)
 class AppliedEvent:
-    delivery: Delivery
+    incoming: EventToApply
     policy: Policy
     batch: Batch  # the transaction's locked payments and end-of-batch writes
     event_id: str
@@ -28,16 +26,13 @@ class AppliedEvent:
     created: datetime
     obj: dict[str, Any]
     ref: ChargeRef
-    now: datetime
     first_seen_at: datetime  # the inbox's earliest first_seen_at once claimed
-    # Set by any write that changed state; an event that changed nothing is "stale".
-    changed: bool = False
 
     @classmethod
-    def from_delivery(cls, delivery: Delivery, policy: Policy, batch: Batch) -> AppliedEvent:
-        event = delivery.event
+    def from_incoming(cls, incoming: EventToApply, policy: Policy, batch: Batch) -> AppliedEvent:
+        event = incoming.event
         return cls(
-            delivery=delivery,
+            incoming=incoming,
             policy=policy,
             batch=batch,
             event_id=str(event["id"]),
@@ -45,8 +40,7 @@ class AppliedEvent:
             created=timestamp(int(event["created"])),
             obj=event["data"]["object"],
             ref=charge_ref(event),
-            now=datetime.now(UTC),
-            first_seen_at=delivery.first_seen_at,
+            first_seen_at=incoming.first_seen_at,
         )
 
     @property
@@ -55,17 +49,21 @@ class AppliedEvent:
 
     @property
     def may_retry(self) -> bool:
-        """True while "not yet" may still become "yes": first seen less than the policy ago."""
-        return self.now < self.first_seen_at + timedelta(seconds=self.policy.unmatched_retry_s)
+        """True while "not yet" may still become "yes": first seen less than the policy's window ago."""
+        return self.policy.may_still_wait(self.first_seen_at)
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """What an event-family handler concluded."""
+    """What an event-family handler concluded, and whether it changed anything it wrote.
+
+    ``changed`` is returned, never set on a shared object: an event whose steps all say False
+    (and that moved no status) is ``stale``.
+    """
 
     outcome: StepOutcome = "applied"
+    changed: bool = False
     retry_reason: Literal["refunds_short"] | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 # What an event-family handler returns when it has planned its statements (pipeline.py): run, after

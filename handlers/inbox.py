@@ -51,7 +51,7 @@ async def claim(con: asyncpg.Connection, events: Sequence[AppliedEvent]) -> dict
         [e.event_id for e in events],
         [e.type for e in events],
         [e.created for e in events],
-        [e.delivery.first_seen_at for e in events],
+        [e.incoming.first_seen_at for e in events],
         _EFFECT_FINAL,
     )
     return {

@@ -1,4 +1,4 @@
-"""Matching an event's charge to a payment, and locking that payment row (CONTRACT §5).
+"""Matching an event's charge to a payment, and locking that payment row.
 
 Order: ``stripe_charge_id``, then ``stripe_payment_intent_id``; failing both, a charge whose
 metadata names an existing order (``order_number``) or invoice (``invoice_number``) gets a payment

@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 LIVE_REFUND_STATUSES = frozenset({"pending", "succeeded"})
-ENDED_REFUND_STATUSES = frozenset({"failed", "canceled"})
 # Lifecycle order used to break same-second ties between snapshots of one refund.
 REFUND_STATUS_RANK = {"requires_action": 1, "pending": 2, "succeeded": 3, "failed": 4, "canceled": 4}
 # An expired authorisation is released, not refunded: no money came back.

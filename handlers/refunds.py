@@ -9,6 +9,7 @@ delivery order a refund that ends failed nets to zero.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -153,20 +154,20 @@ async def take_refund(
     refund: dict[str, Any],
     pipeline: Pipeline,
     ticket: Ticket | None,
-) -> None:
+) -> bool:
     """What the planned refund snapshot did (if one was planned): the payment's refunded amount,
-    the over-refund check."""
+    the over-refund check. True if it saved a status or booked a row."""
     if ticket is None:
-        return
+        return False
     row = pipeline.row(ticket)
-    if row["saved_status"] is not None or row["booked_amount"] is not None:
-        applied.changed = True
+    changed = row["saved_status"] is not None or row["booked_amount"] is not None
     if row["reversed_amount"] is not None:
-        applied.changed = True
+        changed = True
         payment.amount_refunded -= int(row["reversed_amount"])
     if row["booked_amount"] is not None:
         payment.amount_refunded -= int(row["booked_amount"])  # booked negative
         await _over_refund_check(con, applied, payment, refund)
+    return changed
 
 
 def on_refund_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
@@ -174,8 +175,7 @@ def on_refund_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline)
     ticket = plan_refund(pipeline, applied, payment, applied.obj, applied.created)
 
     async def then(con: asyncpg.Connection) -> Step:
-        await take_refund(con, applied, payment, applied.obj, pipeline, ticket)
-        return Step()
+        return Step(changed=await take_refund(con, applied, payment, applied.obj, pipeline, ticket))
 
     return then
 
@@ -184,12 +184,10 @@ def _carried_refunds(applied: AppliedEvent) -> list[dict[str, Any]]:
     # Fetched refunds are ordered as a snapshot taken at the charge.refunded's created, not at
     # our fetch time: our clock and Stripe's need not agree, and a failure Stripe reports later
     # must still be able to move a refund that a fetch saw live. They are at least that fresh.
-    return [*(embedded_refunds(applied.obj) or []), *(applied.delivery.fetched_refunds or [])]
+    return [*(embedded_refunds(applied.obj) or []), *(applied.incoming.fetched_refunds or [])]
 
 
-async def _judge_checkpoint(
-    con: asyncpg.Connection, applied: AppliedEvent, payment: Payment
-) -> Step:
+async def _judge_checkpoint(con: asyncpg.Connection, applied: AppliedEvent, payment: Payment) -> Step:
     """Do the live refunds cover this snapshot's amount_refunded less releases? Else retry/raise."""
     expected = expected_live_refunds(applied.obj)
     if payment.amount_refunded >= expected:
@@ -199,7 +197,7 @@ async def _judge_checkpoint(
     # the refund snapshots that later events planned are saved already (pipeline.py): they count
     # as if they had been delivered first, which any delivery order may do anyway.
     live_then = int(await con.fetchval(_LIVE_AT_SNAPSHOT, payment.id, applied.created))
-    fetched = applied.delivery.fetched_refunds
+    fetched = applied.incoming.fetched_refunds
     fetched_live = live_refund_total(fetched) if fetched is not None else None
     if live_then >= expected or (fetched_live is not None and fetched_live >= expected):
         return Step()
@@ -210,11 +208,11 @@ async def _judge_checkpoint(
         "fetched_live_refunds": fetched_live,
     }
     if applied.may_retry:
-        return Step("retrying", "refunds_short", detail)
+        return Step("retrying", retry_reason="refunds_short")
     await raise_exception(
         con, "refund_mismatch", event_id=applied.event_id, object_id=applied.object_id, detail=detail
     )
-    return Step("mismatch", detail=detail)
+    return Step("mismatch")
 
 
 def on_charge_refunded(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
@@ -225,13 +223,14 @@ def on_charge_refunded(applied: AppliedEvent, payment: Payment, pipeline: Pipeli
     ]
 
     async def then(con: asyncpg.Connection) -> Step:
+        changed = False
         for refund, ticket in carried:
-            await take_refund(con, applied, payment, refund, pipeline, ticket)
+            changed = await take_refund(con, applied, payment, refund, pipeline, ticket) or changed
         if not is_newest_snapshot(payment, applied):
-            return Step()
+            return Step(changed=changed)
         step = await _judge_checkpoint(con, applied, payment)
         if step.outcome != "retrying":
-            advance_snapshot(payment, applied)
-        return step
+            changed = advance_snapshot(payment, applied) or changed
+        return replace(step, changed=changed)
 
     return then

@@ -1,5 +1,5 @@
-"""Statuses (rule 5): payment, order and invoice, recomputed after every change; ``finish`` hands
-them, with the event's inbox outcome, to the batch's last statement (handlers/batch.py).
+"""Statuses (rule 5): payment, order and invoice, recomputed after every change; the batch writes
+them, with the event's inbox outcome, in its last statement (handlers/batch.py).
 
 The money statuses are a function of the ledger (charge booked, live refunds net of reversals)
 and of the largest amount_captured shown — all of which end the same in any delivery order — so
@@ -14,8 +14,6 @@ from typing import Any
 
 import orjson
 
-from handlers import Outcome
-from handlers.event import AppliedEvent
 from handlers.matching import Payment
 
 _INVOICE_STATUS = {"paid": "paid", "partially_refunded": "partially_refunded", "refunded": "refunded"}
@@ -23,7 +21,11 @@ _INVOICE_STATUS = {"paid": "paid", "partially_refunded": "partially_refunded", "
 
 @dataclass(frozen=True, slots=True)
 class StatusWrite:
-    """What persisting a payment after an event writes; ``changed`` False writes only the inbox."""
+    """What persisting a payment after an event writes; ``changed`` False writes only the inbox.
+
+    ``audit_details`` are the status moves an auditor sees; an event that moved none (and booked
+    nothing) is stale even when it wrote a payment field such as its snapshot.
+    """
 
     changed: bool
     order_status: str | None = None
@@ -59,9 +61,7 @@ def _owner_changes(before: Payment, after: Payment) -> tuple[str | None, str | N
         invoice_target = _INVOICE_STATUS[after.status]
         if after.invoice_id is not None and before.invoice_status != invoice_target:
             invoice_status = invoice_target
-            changes.append(
-                _change("invoice", "payment_link_status", before.invoice_status, invoice_target)
-            )
+            changes.append(_change("invoice", "payment_link_status", before.invoice_status, invoice_target))
     if before.disputed != after.disputed:
         owner = "order" if after.order_id is not None else "invoice"
         changes.append(_change(owner, "disputed", before.disputed, after.disputed))
@@ -78,22 +78,10 @@ def _audit_details(before: Payment, after: Payment) -> tuple[str | None, str | N
     return order_status, invoice_status, changes + owner_changes
 
 
-def plan(applied: AppliedEvent, before: Payment, after: Payment) -> StatusWrite:
+def plan(before: Payment, after: Payment) -> StatusWrite:
     """Recompute ``after``'s status and say what differs from ``before`` (the locked row)."""
     after.status = money_status(after)
     if after == before:
-        return StatusWrite(changed=False)
+        return NO_WRITE
     order_status, invoice_status, details = _audit_details(before, after)
-    if details:
-        applied.changed = True
     return StatusWrite(True, order_status, invoice_status, tuple(details))
-
-
-def finish(
-    applied: AppliedEvent,
-    outcome: Outcome,
-    payment: Payment | None = None,
-    write: StatusWrite = NO_WRITE,
-) -> None:
-    """The event's inbox outcome and the payment's changes (if any), written with the batch's end."""
-    applied.batch.settle(applied.event_id, applied.object_id, outcome, payment, write)

@@ -46,7 +46,7 @@ def render(
 ) -> dict[str, Any]:
     """The definitions document: the vhost plus worker.topology.definitions() for these settings."""
     sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
-    from worker import topology
+    from worker.amqp import topology
     from worker.settings import DEFAULT_RETRY_DELAYS_S, Settings
 
     attempts = Settings().max_attempts if max_attempts is None else max_attempts

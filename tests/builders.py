@@ -3,7 +3,7 @@
 Every builder starts from the real fixture object and overrides only what a test names, so the
 payloads keep Stripe's full shape. Amounts are integers in minor units.
 
-Two API eras (CONTRACT §8):
+Two API eras:
 
 * ``OLD_API_VERSION`` (before 2022-11-15): a charge embeds ``refunds`` (a list object).
 * ``NEW_API_VERSION``: a charge has no ``refunds`` key at all.
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from handlers import Delivery, Policy
+from handlers import EventToApply, Policy
 from tests.stripe_events import NEW_API_VERSION, OLD_API_VERSION, fixture, make_event, unique_id
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
     "balance_transaction",
     "charge",
     "charge_event",
-    "delivery",
+    "incoming",
     "dispute",
     "dispute_event",
     "policy",
@@ -205,7 +205,10 @@ def refund_event(
 ) -> dict[str, Any]:
     """refund.created|updated|failed or charge.refund.updated carrying ``refund_obj``."""
     return make_event(
-        event_type, copy.deepcopy(refund_obj), created=created, event_id=event_id,
+        event_type,
+        copy.deepcopy(refund_obj),
+        created=created,
+        event_id=event_id,
         api_version=api_version,
     )
 
@@ -220,26 +223,27 @@ def dispute_event(
 ) -> dict[str, Any]:
     """A charge.dispute.* event carrying ``dispute_obj``."""
     return make_event(
-        event_type, copy.deepcopy(dispute_obj), created=created, event_id=event_id,
+        event_type,
+        copy.deepcopy(dispute_obj),
+        created=created,
+        event_id=event_id,
         api_version=api_version,
     )
 
 
-def delivery(
+def incoming(
     event: dict[str, Any],
     *,
     attempt: int = 1,
     first_seen_at: datetime | None = None,
     fetched_refunds: Sequence[dict[str, Any]] | None = None,
-) -> Delivery:
-    """A Delivery as the runtime builds it; first seen now unless told otherwise."""
-    return Delivery(
+) -> EventToApply:
+    """An EventToApply as the runtime builds it; first seen now unless told otherwise."""
+    return EventToApply(
         event=event,
         attempt=attempt,
         first_seen_at=first_seen_at or datetime.now(UTC),
-        fetched_refunds=[copy.deepcopy(r) for r in fetched_refunds]
-        if fetched_refunds is not None
-        else None,
+        fetched_refunds=[copy.deepcopy(r) for r in fetched_refunds] if fetched_refunds is not None else None,
     )
 
 

@@ -20,11 +20,13 @@ from aiohttp import web
 
 from tests.harness import wait_until
 from tests.stripe_events import encode
-from worker import broker, topology
-from worker.consumer import CONSUMER, Consumer, consumer_ctx
+from worker.amqp import topology
+from worker.amqp.connection import connect, declare_topology, open_confirm_channel
+from worker.amqp.publisher import Publisher, event_message
+from worker.consume.consumer import CONSUMER, Consumer, ConsumerTimings, consumer_ctx
+from worker.consume.refund_fetch import RefundFetcher
+from worker.consume.runner import Rules
 from worker.health import add_health_routes
-from worker.refund_fetch import RefundFetcher
-from worker.runner import Rules
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,12 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @asynccontextmanager
 async def consumer_running(
-    settings: Settings, rules: Rules | None = None, fetcher: RefundFetcher | None = None
+    settings: Settings,
+    rules: Rules | None = None,
+    fetcher: RefundFetcher | None = None,
+    timings: ConsumerTimings | None = None,
 ) -> AsyncIterator[Consumer]:
     """The consumer's cleanup context in a bare aiohttp app; leaving runs the SIGTERM path (drain)."""
     app = web.Application()
     add_health_routes(app)
-    app.cleanup_ctx.append(consumer_ctx(settings, rules, fetcher))
+    app.cleanup_ctx.append(consumer_ctx(settings, rules, fetcher, timings or ConsumerTimings()))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -49,11 +54,11 @@ async def consumer_running(
 @asynccontextmanager
 async def feeder(amqp_url: str, settings: Settings) -> AsyncIterator[Feeder]:
     """A confirmed publisher into the test's vhost, with the topology declared."""
-    connection = await broker.connect(amqp_url)
+    connection = await connect(amqp_url)
     try:
-        await broker.declare_topology(connection, settings)
-        channel = await broker.open_confirm_channel(connection)
-        yield Feeder(connection, broker.Publisher(channel))
+        await declare_topology(connection, settings)
+        channel = await open_confirm_channel(connection)
+        yield Feeder(connection, Publisher(channel))
     finally:
         await connection.close()
 
@@ -61,14 +66,14 @@ async def feeder(amqp_url: str, settings: Settings) -> AsyncIterator[Feeder]:
 @dataclass
 class Feeder:
     connection: aio_pika.abc.AbstractRobustConnection
-    publisher: broker.Publisher
+    publisher: Publisher
 
     async def event(self, event: dict[str, Any], headers: dict[str, Any] | None = None) -> None:
-        message = broker.event_message(encode(event), event["id"], event["type"], event["created"], headers)
+        message = event_message(encode(event), event["id"], event["type"], event["created"], headers)
         await self.publisher.publish_event(message)
 
     async def raw(self, body: bytes, event_type: str = "charge.refunded", message_id: str = "evt_x") -> None:
-        message = broker.event_message(body, message_id, event_type, 0)
+        message = event_message(body, message_id, event_type, 0)
         await self.publisher.publish_event(message)
 
     async def depth(self, queue_name: str = topology.WORK_QUEUE) -> int:

@@ -231,16 +231,26 @@ class _Render:
             obj["payment_method_details"] = {"type": "card_present", "card_present": card}
         if c.era == "old":
             refunds = [self.refund_object(r) for r in reversed(self.refunds.values())]
-            obj["refunds"] = {"object": "list", "data": refunds, "has_more": False,
-                              "total_count": len(refunds), "url": f"/v1/charges/{c.id}/refunds"}
+            obj["refunds"] = {
+                "object": "list",
+                "data": refunds,
+                "has_more": False,
+                "total_count": len(refunds),
+                "url": f"/v1/charges/{c.id}/refunds",
+            }
         else:
             del obj["refunds"]
         return obj
 
     def refund_object(self, refund: dict[str, Any]) -> dict[str, Any]:
         obj = fixture("refund")
-        obj.update(refund, charge=self.charge.id, payment_intent=self.charge.payment_intent,
-                   currency=self.charge.currency, balance_transaction=f"txn_{refund['id']}")
+        obj.update(
+            refund,
+            charge=self.charge.id,
+            payment_intent=self.charge.payment_intent,
+            currency=self.charge.currency,
+            balance_transaction=f"txn_{refund['id']}",
+        )
         if refund["status"] == "failed":
             obj["failure_reason"] = "lost_or_stolen_card"
         return obj
@@ -268,8 +278,13 @@ class _Render:
 
     def refund(self, step: RefundStep) -> None:
         before = self.refunds.get(step.refund_id)
-        refund = {"id": step.refund_id, "amount": step.amount, "status": step.status, "reason": step.reason,
-                  "created": before["created"] if before else step.at}
+        refund = {
+            "id": step.refund_id,
+            "amount": step.amount,
+            "status": step.status,
+            "reason": step.reason,
+            "created": before["created"] if before else step.at,
+        }
         self.refunds[step.refund_id] = refund
         new_era = self.charge.era == "new"
         if before is None:
@@ -288,10 +303,17 @@ class _Render:
     def dispute_step(self, step: DisputeStep) -> None:
         c = self.charge
         if self.dispute is None:
-            self.dispute = {"id": c.dispute_id, "amount": c.dispute_amount, "currency": c.currency,
-                            "charge": c.id, "payment_intent": c.payment_intent, "created": step.at,
-                            "reason": c.dispute_reason, "balance_transactions": [],
-                            "is_charge_refundable": False}
+            self.dispute = {
+                "id": c.dispute_id,
+                "amount": c.dispute_amount,
+                "currency": c.currency,
+                "charge": c.id,
+                "payment_intent": c.payment_intent,
+                "created": step.at,
+                "reason": c.dispute_reason,
+                "balance_transactions": [],
+                "is_charge_refundable": False,
+            }
         self.dispute["status"] = step.status
         for txn in step.new_txns:
             self.dispute["balance_transactions"].append(_txn_object(txn, c.dispute_id, step.at))
@@ -304,12 +326,28 @@ class _Render:
 def _txn_object(txn: Txn, dispute_id: str, at: int) -> dict[str, Any]:
     obj = fixture("balance_transaction")
     obj.update(
-        id=txn.id, amount=txn.amount, currency=txn.currency, fee=txn.fee, net=txn.amount - txn.fee,
-        created=at, available_on=at, source=dispute_id, type="adjustment",
+        id=txn.id,
+        amount=txn.amount,
+        currency=txn.currency,
+        fee=txn.fee,
+        net=txn.amount - txn.fee,
+        created=at,
+        available_on=at,
+        source=dispute_id,
+        type="adjustment",
         reporting_category="dispute" if txn.amount < 0 else "dispute_reversal",
         description="Chargeback withdrawal" if txn.amount < 0 else "Chargeback reversal",
-        fee_details=[{"amount": txn.fee, "currency": txn.currency, "type": "stripe_fee",
-                      "description": "Dispute fee", "application": None}] if txn.fee else [],
+        fee_details=[
+            {
+                "amount": txn.fee,
+                "currency": txn.currency,
+                "type": "stripe_fee",
+                "description": "Dispute fee",
+                "application": None,
+            }
+        ]
+        if txn.fee
+        else [],
     )
     return obj
 

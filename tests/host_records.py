@@ -1,4 +1,4 @@
-"""Rows the host application writes (CONTRACT §5), and reads of what the worker made of them.
+"""Rows the host application writes (the host tables), and reads of what the worker made of them.
 
 Only the host's own columns are written here: the worker's columns keep their defaults, as in
 production.
@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from handlers import Delivery, Policy, Result, apply_event
+from handlers import EventToApply, Policy, Result, apply_event
 
 
 async def add_order(
@@ -25,7 +25,10 @@ async def add_order(
     order_id: int = await con.fetchval(
         "insert into recon.orders (number, currency, amount_total, buyer_email, status) "
         "values ($1, $2, $3, 'buyer@example.com', $4) returning id",
-        number, currency, amount_total, status,
+        number,
+        currency,
+        amount_total,
+        status,
     )
     return order_id
 
@@ -36,7 +39,9 @@ async def add_invoice(
     invoice_id: int = await con.fetchval(
         "insert into recon.invoices (number, currency, amount_total, bill_to) "
         "values ($1, $2, $3, 'Example GmbH') returning id",
-        number, currency, amount_total,
+        number,
+        currency,
+        amount_total,
     )
     return invoice_id
 
@@ -55,7 +60,13 @@ async def add_payment(
     payment_id: int = await con.fetchval(
         "insert into recon.payments (stripe_charge_id, stripe_payment_intent_id, order_id, "
         "invoice_id, method, currency, amount) values ($1, $2, $3, $4, $5, $6, $7) returning id",
-        charge_id, payment_intent, order_id, invoice_id, method, currency, amount,
+        charge_id,
+        payment_intent,
+        order_id,
+        invoice_id,
+        method,
+        currency,
+        amount,
     )
     return payment_id
 
@@ -70,12 +81,10 @@ async def add_order_with_payment(
 ) -> int:
     """An order and the payment the host recorded for it by charge id; returns the payment id."""
     order_id = await add_order(con, number, currency=currency, amount_total=amount)
-    return await add_payment(
-        con, order_id=order_id, charge_id=charge_id, amount=amount, currency=currency
-    )
+    return await add_payment(con, order_id=order_id, charge_id=charge_id, amount=amount, currency=currency)
 
 
-async def apply(con: asyncpg.Connection, delivery: Delivery, retry_s: int = 3600) -> Result:
+async def apply(con: asyncpg.Connection, delivery: EventToApply, retry_s: int = 3600) -> Result:
     """apply_event inside its own transaction, as the runtime does."""
     async with con.transaction():
         return await apply_event(con, delivery, Policy(unmatched_retry_s=retry_s))
@@ -92,9 +101,7 @@ async def ledger(con: asyncpg.Connection, charge_id: str) -> list[tuple[str, int
 
 
 async def balance(con: asyncpg.Connection, charge_id: str) -> dict[str, Any]:
-    row = await con.fetchrow(
-        "select * from finance.payment_balances where stripe_charge_id = $1", charge_id
-    )
+    row = await con.fetchrow("select * from finance.payment_balances where stripe_charge_id = $1", charge_id)
     assert row is not None, f"no payment for {charge_id}"
     return dict(row)
 
@@ -109,8 +116,7 @@ async def exceptions(con: asyncpg.Connection, kind: str | None = None) -> list[d
 
 async def audit_actions(con: asyncpg.Connection, event_id: str | None = None) -> list[str]:
     rows = await con.fetch(
-        "select action from recon.audit_log where $1::text is null or stripe_event_id = $1 "
-        "order by id",
+        "select action from recon.audit_log where $1::text is null or stripe_event_id = $1 order by id",
         event_id,
     )
     return [r["action"] for r in rows]

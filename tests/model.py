@@ -1,4 +1,4 @@
-"""The oracle: CONTRACT §7 as plain Python over the TRUE history of some charges.
+"""The oracle: the reconciliation rules as plain Python over the TRUE history of some charges.
 
 A history says what happened at Stripe, step by step (authorised, captured, refund created or
 moved to a status, dispute opened/moved/closed with the balance transactions it carried). The
@@ -76,7 +76,7 @@ class Charge:
     payment_intent: str
     currency: str
     amount: int
-    recorded: Literal["charge", "payment_intent", "metadata"]  # how the payment is matched (§5)
+    recorded: Literal["charge", "payment_intent", "metadata"]  # how the payment is matched (host tables)
     owner: Literal["order", "invoice"]
     number: str
     rejected: bool  # the host app rejected the order before any event

@@ -12,7 +12,7 @@ from urllib.parse import quote
 import asyncpg
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from worker import migrate
+from worker.ops import migrate
 
 PG_ADMIN_URL = os.environ.get("RECON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("RECON_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672/")

@@ -24,9 +24,9 @@ from tests.harness import events_settled, fetch, post_event, running, wait_until
 from tests.host_records import add_order_with_payment
 from tests.stripe_events import fixture, make_event, unique_id
 from tests.work_queue import drain_work_queue
-from worker import backfill as backfill_command
 from worker import cli
 from worker.events import HANDLED_TYPES
+from worker.ops import backfill as backfill_command
 from worker.settings import Settings
 
 SINCE = datetime(2026, 3, 1, tzinfo=UTC)
@@ -184,7 +184,7 @@ async def test_backfill_with_a_rejected_key_fails_with_one_line(
 def test_backfill_without_api_key_exits_2_with_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """CONTRACT §2/§3: the missing STRIPE_API_KEY is named on one line; nothing is contacted."""
+    """The missing STRIPE_API_KEY is named on one line; nothing is contacted."""
     monkeypatch.chdir(tmp_path)  # no .env here
     monkeypatch.delenv("STRIPE_API_KEY", raising=False)
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/unreachable")

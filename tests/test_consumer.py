@@ -11,8 +11,9 @@ import pytest
 
 from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
 from tests.harness import fetch, wait_until
-from worker import topology
-from worker.dead_letter_recorder import DELIVERY_LIMIT_ERROR
+from worker.amqp import topology
+from worker.consume.consumer import ConsumerTimings
+from worker.consume.dead_letter_drain import DELIVERY_LIMIT_ERROR
 from worker.settings import Settings
 
 
@@ -260,7 +261,7 @@ async def _called(fake: FakeRules, event_id: str, times: int) -> bool:
 
 def test_message_headers_are_read_defensively() -> None:
     """Headers from RabbitMQ or an old publisher may be bytes or garbage: defaults, never a crash."""
-    from worker.deliveries import header_int
+    from worker.amqp.delivery import header_int
 
     assert header_int({"x": b"7"}, "x", 1) == 7
     assert header_int({"x": "seven"}, "x", 1) == 1
@@ -269,7 +270,7 @@ def test_message_headers_are_read_defensively() -> None:
 
 
 async def test_one_log_line_and_metrics_per_event(settings: Settings, amqp_url: str, fake: FakeRules) -> None:
-    """Each handled event logs one event_handled line with the contract's fields (CONTRACT §7.10)
+    """Each handled event logs one event_handled line with the documented fields (docs/operations.md, Logs)
     and counts in recon_events_processed by type and outcome."""
     import structlog
     from prometheus_client import REGISTRY
@@ -342,17 +343,15 @@ async def _equals(check: Any, expected: str) -> bool:
 
 
 async def test_database_outage_defers_events_without_counting_failures(
-    settings: Settings, amqp_url: str, fake: FakeRules, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, amqp_url: str, fake: FakeRules
 ) -> None:
-    """While PostgreSQL is unreachable a batch retries for DB_RETRY_FOR_S, then its events go to a
+    """While PostgreSQL is unreachable a batch retries for its database retry time, then its events go to a
     wait queue as 'database_unavailable' — not as failures: an outage longer than RECON_MAX_ATTEMPTS
     deferrals dead-letters nothing, and the event applies once the database is back."""
     from prometheus_client import REGISTRY
 
     from tests.tcp_proxy import TcpProxy
-    from worker import runner
 
-    monkeypatch.setattr(runner, "DB_RETRY_FOR_S", 0.3)
     labels = {"type": "charge.refunded", "reason": "database_unavailable"}
 
     async def deferrals() -> float:
@@ -364,7 +363,11 @@ async def test_database_outage_defers_events_without_counting_failures(
     db = settings.database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
     proxied = dataclasses.replace(settings, database_url=db)
     try:
-        async with feeder(amqp_url, settings) as feed, consumer_running(proxied, fake.rules()):
+        timings = ConsumerTimings(db_retry_for_s=0.3)
+        async with (
+            feeder(amqp_url, settings) as feed,
+            consumer_running(proxied, fake.rules(), timings=timings),
+        ):
             await proxy.cut()
             await feed.event(event("evt_outage"))
             outage_long = before + settings.max_attempts + 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.acks import Acks
+from worker.consume.acks import Acks
 
 Frame = tuple[str, int, bool]  # ("ack"|"nack", delivery tag, multiple or requeue)
 
@@ -19,17 +19,19 @@ class FakeChannel:
 
 @dataclass
 class FakeMessage:
-    """Just what AckWindow and finish_message use of a worker.deliveries.Delivery."""
+    """Just what AckWindow uses of a worker.amqp.delivery.Delivery."""
 
     delivery_tag: int
     channel: FakeChannel
     message_id: str = "evt_fake"
 
-    async def ack(self, multiple: bool = False) -> None:
+    async def ack(self, *, multiple: bool = False) -> bool:
         self.channel.frames.append(("ack", self.delivery_tag, multiple))
+        return True
 
-    async def nack(self, requeue: bool = True, multiple: bool = False) -> None:
+    async def nack(self, *, requeue: bool = True) -> bool:
         self.channel.frames.append(("nack", self.delivery_tag, requeue))
+        return False
 
 
 def deliver(acks: Acks, channel: FakeChannel, count: int) -> list[Any]:

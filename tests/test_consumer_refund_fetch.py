@@ -13,8 +13,7 @@ from aiohttp import web
 from tests.conftest import free_port
 from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
 from tests.harness import fetch, wait_until
-from worker import refund_fetch
-from worker.refund_fetch import RefundFetchFailed, StripeRefunds
+from worker.consume.refund_fetch import FetchTimings, RefundFetchFailed, StripeRefunds
 from worker.settings import Settings
 
 API_KEY = "sk_test_recon_fake_key"
@@ -87,25 +86,23 @@ async def test_transient_api_errors_are_retried_a_bounded_number_of_times(
     try:
         api.failures = 2
         assert len(await fetcher("ch_paged")) == 5
-        api.failures = refund_fetch.MAX_TRIES
+        api.failures = FetchTimings().max_tries
         api.requests.clear()
         with pytest.raises(RefundFetchFailed) as failed:
             await fetcher("ch_paged")
     finally:
         await fetcher.close()
-    assert len(api.requests) == refund_fetch.MAX_TRIES
+    assert len(api.requests) == FetchTimings().max_tries
     assert API_KEY not in str(failed.value)
 
 
 async def test_a_slow_api_times_out_quickly(
-    fake_stripe: tuple[FakeStripe, str], monkeypatch: pytest.MonkeyPatch
+    fake_stripe: tuple[FakeStripe, str],
 ) -> None:
     """A hanging API costs a bounded time (per-try timeout, bounded tries), never Stripe's 80 s default."""
     api, base = fake_stripe
-    monkeypatch.setattr(refund_fetch, "TRY_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(refund_fetch, "GIVE_UP_AFTER_S", 0.5)
     api.delay_s = 5.0
-    fetcher = StripeRefunds(API_KEY, base)
+    fetcher = StripeRefunds(API_KEY, base, FetchTimings(try_timeout_s=0.2, give_up_after_s=0.5))
     loop = asyncio.get_running_loop()
     started = loop.time()
     try:
@@ -122,7 +119,7 @@ async def test_worker_hands_fetched_refunds_to_the_rules_and_defers_on_failure(
     """With STRIPE_API_KEY set, the refunds the rules ask for are fetched before the transaction;
     when the API fails, the event is deferred (no failure counted) and applied on a later attempt."""
     api, base = fake_stripe
-    api.failures = refund_fetch.MAX_TRIES  # the first attempt's fetch fails outright
+    api.failures = FetchTimings().max_tries  # the first attempt's fetch fails outright
     await prepare_fake_tables(settings.database_url)
     fake = FakeRules(fetch_for=_charge_of_refunded)
     configured = dataclasses.replace(settings, stripe_api_key=API_KEY, stripe_api_base=base)

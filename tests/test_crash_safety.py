@@ -47,7 +47,7 @@ async def reference(pg_template: str, stream: event_stream.Stream) -> AsyncItera
     try:
         await event_stream.seed(con, stream.payments)
         for event in stream.events:
-            await h.apply(con, b.delivery(event))
+            await h.apply(con, b.incoming(event))
         yield await event_stream.ledger_multiset(con)
     finally:
         await con.close()

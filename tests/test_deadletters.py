@@ -14,13 +14,15 @@ import aiohttp
 import asyncpg
 import pytest
 
-from handlers import DeadLetter, Delivery, record_dead_letter
-from tests.builders import delivery, refund, refund_event
+from handlers import DeadLetter, EventToApply, record_dead_letter
+from tests.builders import incoming, refund, refund_event
 from tests.harness import fetch, post_event, running, wait_until
 from tests.host_records import add_order_with_payment, apply, exceptions, inbox, ledger
 from tests.stripe_events import encode, fixture, make_event, unique_id
 from tests.work_queue import drain_work_queue
-from worker import broker, deadletters, topology
+from worker.amqp import topology
+from worker.amqp.publisher import Publisher, PublishFailed
+from worker.ops import dead_letter_replay as deadletters
 from worker.settings import Settings
 
 
@@ -149,13 +151,13 @@ async def test_replay_all_takes_every_waiting_letter_and_only_those(settings: Se
     assert rows[0]["n"] == 0
 
 
-async def _replayed_delivery(amqp_url: str) -> Delivery:
+async def _replayed_incoming(amqp_url: str) -> EventToApply:
     """The one replayed message, handed over the way the consumer runtime would."""
     [message] = await drain_work_queue(amqp_url)
     first_seen_ms = message.headers[topology.HEADER_FIRST_SEEN_MS]
     attempt = message.headers[topology.HEADER_ATTEMPT]
     assert isinstance(first_seen_ms, int) and isinstance(attempt, int)
-    return delivery(
+    return incoming(
         json.loads(message.body),
         attempt=attempt,
         first_seen_at=datetime.fromtimestamp(first_seen_ms / 1000, UTC),
@@ -173,6 +175,8 @@ async def _dead_letter_through_handlers(con: asyncpg.Connection, event: dict[str
                 error="RuntimeError: worker crashed",
                 attempts=3,
                 first_seen_at=datetime.now(UTC) - timedelta(minutes=5),
+                created=datetime.fromtimestamp(int(str(event["created"])), UTC),
+                object_id=str(event["data"]["object"]["id"]),  # type: ignore[index]
             ),
         )
 
@@ -188,7 +192,7 @@ async def test_a_replayed_dead_letter_applies_and_resolves_its_exception(setting
         assert [e["resolved_at"] for e in await exceptions(con, "dead_lettered")] == [None]
 
         assert await deadletters.replay(settings, [str(event["id"])], replay_all=False) == 0
-        result = await apply(con, await _replayed_delivery(settings.amqp_url))
+        result = await apply(con, await _replayed_incoming(settings.amqp_url))
 
         assert result.outcome == "applied"
         assert [(kind, amount) for kind, amount, *_ in await ledger(con, charge_id)] == [
@@ -208,12 +212,12 @@ async def test_replaying_an_event_that_already_applied_changes_nothing(settings:
     con = await asyncpg.connect(settings.database_url)
     try:
         await add_order_with_payment(con, unique_id("ORD"), charge_id, amount=1000)
-        assert (await apply(con, delivery(event))).outcome == "applied"
+        assert (await apply(con, incoming(event))).outcome == "applied"
         before = await ledger(con, charge_id)
         await _dead_letter_through_handlers(con, event)  # e.g. a crash loop after the commit
 
         assert await deadletters.replay(settings, [str(event["id"])], replay_all=False) == 0
-        result = await apply(con, await _replayed_delivery(settings.amqp_url))
+        result = await apply(con, await _replayed_incoming(settings.amqp_url))
 
         assert result.outcome == "duplicate"
         assert await ledger(con, charge_id) == before
@@ -288,12 +292,12 @@ async def test_a_replay_the_broker_does_not_confirm_stays_waiting(
     real_session = deadletters.publisher_session
 
     class NackingPublisher:
-        def __init__(self, real: broker.Publisher) -> None:
+        def __init__(self, real: Publisher) -> None:
             self._real = real
 
         async def publish_to_queue(self, message: aio_pika.Message, queue_name: str) -> None:
             if message.message_id == refused["id"]:
-                raise broker.PublishFailed("broker answered Nack")
+                raise PublishFailed("broker answered Nack")
             await self._real.publish_to_queue(message, queue_name)
 
     @asynccontextmanager

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.harness import fetch, running
-from worker import demo
+from worker.ops.demo import command as demo
 from worker.settings import Settings
 
 # Per scenario (the owner number's last digit): the ledger rows (kind, amount, currency) in

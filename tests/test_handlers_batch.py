@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from handlers import Delivery, Result, apply_events
+from handlers import EventToApply, Result, apply_events
 from tests import builders as b
 from tests import host_records as h
 from tests.test_handlers_order import _history
@@ -26,8 +26,14 @@ def _simple_history(
     charge_id: str, *, intent: str | None = None, metadata: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
     """Captured 1000, a refund of 400 pending then succeeded, a charge.refunded (old era)."""
-    refund = b.refund(charge_id=charge_id, amount=400, refund_id=f"re_{charge_id}", status="pending",
-                      payment_intent=intent, created=T + 10)
+    refund = b.refund(
+        charge_id=charge_id,
+        amount=400,
+        refund_id=f"re_{charge_id}",
+        status="pending",
+        payment_intent=intent,
+        created=T + 10,
+    )
     done = {**refund, "status": "succeeded"}
     charged = b.charge(charge_id=charge_id, payment_intent=intent, metadata=metadata)
     refunded = b.charge(charge_id=charge_id, payment_intent=intent, metadata=metadata, refunds=[done])
@@ -64,8 +70,8 @@ async def _world(con: asyncpg.Connection, w: str) -> list[dict[str, Any]]:
     return events
 
 
-def _deliveries(events: list[dict[str, Any]]) -> list[Delivery]:
-    return [b.delivery(event) for event in events]
+def _deliveries(events: list[dict[str, Any]]) -> list[EventToApply]:
+    return [b.incoming(event) for event in events]
 
 
 async def _one_by_one(con: asyncpg.Connection, events: list[dict[str, Any]]) -> list[Result]:

@@ -16,7 +16,7 @@ async def test_authorisation_alone_books_nothing(con: asyncpg.Connection) -> Non
     """A metadata-created payment whose charge is only authorised gets no charge row; stays pending."""
     await _metadata_order(con)
     auth = b.charge(charge_id="ch_1", captured=False, metadata={"order_number": "O-1"})
-    result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", auth)))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.succeeded", auth)))
     assert result.outcome == "applied"
     assert await h.ledger(con, "ch_1") == []
     assert (await h.balance(con, "ch_1"))["status"] == "pending"
@@ -29,10 +29,10 @@ async def test_capture_books_amount_captured_once(con: asyncpg.Connection) -> No
     meta = {"order_number": "O-1"}
     auth = b.charge(charge_id="ch_1", captured=False, metadata=meta)
     captured = b.charge(charge_id="ch_1", amount_captured=800, metadata=meta)
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", auth)))
-    await h.apply(con, b.delivery(b.charge_event("charge.captured", captured, created=b.T0 + 5)))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", auth)))
+    await h.apply(con, b.incoming(b.charge_event("charge.captured", captured, created=b.T0 + 5)))
     refunded = b.charge(charge_id="ch_1", amount_captured=800, metadata=meta)
-    await h.apply(con, b.delivery(b.charge_event("charge.refunded", refunded, created=b.T0 + 9)))
+    await h.apply(con, b.incoming(b.charge_event("charge.refunded", refunded, created=b.T0 + 9)))
     assert await h.ledger(con, "ch_1") == [("charge", 800, "usd", "ch_1")]
     balance = await h.balance(con, "ch_1")
     assert (balance["status"], balance["amount"], balance["net_amount"]) == ("paid", 800, 800)
@@ -43,7 +43,7 @@ async def test_charge_row_occurs_at_the_charge_created(con: asyncpg.Connection) 
     """A charge row's occurred_at is the charge's created, not the event's."""
     await h.add_order_with_payment(con, "O-1", "ch_1")
     charge = b.charge(charge_id="ch_1", created=b.T0 - 3600)
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge, created=b.T0)))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge, created=b.T0)))
     occurred = await con.fetchval("select extract(epoch from occurred_at)::bigint from finance.ledger")
     assert occurred == b.T0 - 3600
 
@@ -54,9 +54,10 @@ async def test_host_recorded_payment_is_charged_by_the_first_event_of_any_kind(
     """A payment the host recorded gets its charge row for its amount even from a refund event."""
     await h.add_order_with_payment(con, "O-1", "ch_1", amount=2500)
     refund = b.refund(charge_id="ch_1", amount=500)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", refund)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", refund)))
     assert await h.ledger(con, "ch_1") == [
-        ("charge", 2500, "usd", "ch_1"), ("refund", -500, "usd", refund["id"])
+        ("charge", 2500, "usd", "ch_1"),
+        ("refund", -500, "usd", refund["id"]),
     ]
     assert (await h.balance(con, "ch_1"))["status"] == "partially_refunded"
 
@@ -67,7 +68,7 @@ async def test_host_recorded_payment_is_charged_by_an_authorisation_too(
     """The host's record is the payment: even an authorisation-only event books its amount."""
     await h.add_order_with_payment(con, "O-1", "ch_1", amount=1000)
     auth = b.charge(charge_id="ch_1", captured=False)
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", auth)))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", auth)))
     assert await h.ledger(con, "ch_1") == [("charge", 1000, "usd", "ch_1")]
 
 
@@ -78,11 +79,11 @@ async def test_host_recorded_partial_capture_keeps_the_row_but_measures_refunds_
     statuses and over-refund measure against Stripe's amount_captured 800 from then on."""
     await h.add_order_with_payment(con, "O-1", "ch_1", amount=1000)
     first = b.refund(charge_id="ch_1", amount=300)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", first)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", first)))
     captured = b.charge(charge_id="ch_1", amount_captured=800)
-    await h.apply(con, b.delivery(b.charge_event("charge.captured", captured, created=b.T0 + 1)))
+    await h.apply(con, b.incoming(b.charge_event("charge.captured", captured, created=b.T0 + 1)))
     second = b.refund(charge_id="ch_1", amount=500, created=b.T0 + 2)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", second, created=b.T0 + 2)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", second, created=b.T0 + 2)))
     kinds = sorted((k, a) for k, a, *_ in await h.ledger(con, "ch_1"))
     assert kinds == [("charge", 1000), ("refund", -500), ("refund", -300)]
     balance = await h.balance(con, "ch_1")
@@ -95,11 +96,11 @@ async def test_order_goes_paid_then_refunded(con: asyncpg.Connection) -> None:
     """Order status: pending → paid as the charge is booked → partially_refunded → refunded."""
     await h.add_order_with_payment(con, "O-1", "ch_1")
     statuses = []
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", b.charge(charge_id="ch_1"))))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", b.charge(charge_id="ch_1"))))
     statuses.append(await con.fetchval("select status from recon.orders"))
     for i, amount in enumerate((400, 600), start=1):
         refund = b.refund(charge_id="ch_1", amount=amount, created=b.T0 + i)
-        await h.apply(con, b.delivery(b.refund_event("refund.created", refund, created=b.T0 + i)))
+        await h.apply(con, b.incoming(b.refund_event("refund.created", refund, created=b.T0 + i)))
         statuses.append(await con.fetchval("select status from recon.orders"))
     assert statuses == ["paid", "partially_refunded", "refunded"]
     audit = await con.fetch(
@@ -107,7 +108,9 @@ async def test_order_goes_paid_then_refunded(con: asyncpg.Connection) -> None:
         "where action = 'status_changed' and detail->>'field' = 'status' order by id"
     )
     assert [(r["obj"], r["to"]) for r in audit if r["obj"] == "order"] == [
-        ("order", "paid"), ("order", "partially_refunded"), ("order", "refunded"),
+        ("order", "paid"),
+        ("order", "partially_refunded"),
+        ("order", "refunded"),
     ]
 
 
@@ -115,9 +118,9 @@ async def test_rejected_order_stays_rejected(con: asyncpg.Connection) -> None:
     """A rejected order keeps its status while its payment is charged and refunded."""
     order_id = await h.add_order(con, "O-1", status="rejected")
     await h.add_payment(con, order_id=order_id, charge_id="ch_1")
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", b.charge(charge_id="ch_1"))))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", b.charge(charge_id="ch_1"))))
     refund = b.refund(charge_id="ch_1", amount=1000, created=b.T0 + 1)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", refund, created=b.T0 + 1)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", refund, created=b.T0 + 1)))
     assert await con.fetchval("select status from recon.orders") == "rejected"
     assert (await h.balance(con, "ch_1"))["status"] == "refunded"
 
@@ -128,10 +131,10 @@ async def test_invoice_payment_link_status_follows_the_payment(con: asyncpg.Conn
     meta = {"invoice_number": "I-1"}
     assert await con.fetchval("select payment_link_status from recon.invoices") == "unpaid"
     charge = b.charge(charge_id="ch_1", metadata=meta)
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge)))
     assert await con.fetchval("select payment_link_status from recon.invoices") == "paid"
     refund = b.refund(charge_id="ch_1", amount=250, created=b.T0 + 1)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", refund, created=b.T0 + 1)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", refund, created=b.T0 + 1)))
     assert await con.fetchval("select payment_link_status from recon.invoices") == "partially_refunded"
     assert (await h.balance(con, "ch_1"))["invoice_number"] == "I-1"
 
@@ -140,9 +143,9 @@ async def test_older_charge_snapshot_after_a_newer_one_is_stale(con: asyncpg.Con
     """A charge.succeeded delivered after a newer charge.captured changes nothing: outcome stale."""
     await h.add_order_with_payment(con, "O-1", "ch_1")
     charge = b.charge(charge_id="ch_1")
-    await h.apply(con, b.delivery(b.charge_event("charge.captured", charge, created=b.T0 + 5)))
+    await h.apply(con, b.incoming(b.charge_event("charge.captured", charge, created=b.T0 + 5)))
     late_event = b.charge_event("charge.succeeded", charge, created=b.T0)
-    late = await h.apply(con, b.delivery(late_event))
+    late = await h.apply(con, b.incoming(late_event))
     assert late.outcome == "stale"
     row = await h.inbox(con, late_event["id"])
     assert (row["outcome"], row["processed_at"] is not None) == ("stale", True)

@@ -18,8 +18,7 @@ async def con(con: asyncpg.Connection) -> asyncpg.Connection:
 
 async def _dispute_rows(con: asyncpg.Connection) -> list[tuple[str, int, str]]:
     rows = await con.fetch(
-        "select kind, amount, currency from finance.ledger where kind like 'dispute%' "
-        "order by entry_id"
+        "select kind, amount, currency from finance.ledger where kind like 'dispute%' order by entry_id"
     )
     return [(r["kind"], r["amount"], r["currency"]) for r in rows]
 
@@ -41,14 +40,17 @@ async def test_created_records_the_dispute_and_sets_disputed(con: asyncpg.Connec
     """charge.dispute.created records it (finance.open_disputes) and sets disputed on payment and order."""
     dispute = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1", reason="fraudulent")
     event = b.dispute_event("charge.dispute.created", dispute)
-    result = await h.apply(con, b.delivery(event))
+    result = await h.apply(con, b.incoming(event))
     assert (result.outcome, result.stripe_object_id, result.order_number) == ("applied", "du_1", "O-1")
     assert await _flags(con) == (True, True)
     row = await con.fetchrow("select * from finance.open_disputes")
     assert row is not None
     assert (row["stripe_dispute_id"], row["stripe_charge_id"], row["order_number"]) == ("du_1", "ch_1", "O-1")
     assert (row["amount"], row["currency"], row["reason"], row["status"]) == (
-        1000, "usd", "fraudulent", "needs_response",
+        1000,
+        "usd",
+        "fraudulent",
+        "needs_response",
     )
     assert row["evidence_due_by"] is not None
     assert "dispute_opened" in await h.audit_actions(con, event["id"])
@@ -60,7 +62,7 @@ async def test_invoice_gets_disputed_too(con: asyncpg.Connection) -> None:
     invoice_id = await h.add_invoice(con, "I-1")
     await h.add_payment(con, invoice_id=invoice_id, charge_id="ch_2", method="stripe_link")
     dispute = b.dispute(charge_id="ch_2", amount=1000)
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", dispute)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", dispute)))
     assert await con.fetchval("select disputed from recon.invoices") is True
 
 
@@ -72,7 +74,7 @@ async def test_withdrawal_and_fee_are_booked_once_by_txn_id(con: asyncpg.Connect
         ("charge.dispute.funds_withdrawn", b.T0 + 1),
         ("charge.dispute.updated", b.T0 + 2),
     ):
-        await h.apply(con, b.delivery(b.dispute_event(event_type, dispute, created=created)))
+        await h.apply(con, b.incoming(b.dispute_event(event_type, dispute, created=created)))
     assert await _dispute_rows(con) == [("dispute_withdrawal", -1000, "usd"), ("dispute_fee", -1500, "usd")]
     assert (await h.audit_actions(con)).count("dispute_funds_withdrawn") == 2
 
@@ -82,14 +84,17 @@ async def test_won_dispute_reinstates_and_returns_the_fee(con: asyncpg.Connectio
     outcome recorded, and the dispute leaves open_disputes."""
     opened = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1", balance_transactions=[WITHDRAWAL])
     won = b.dispute(
-        charge_id="ch_1", amount=1000, dispute_id="du_1", status="won",
+        charge_id="ch_1",
+        amount=1000,
+        dispute_id="du_1",
+        status="won",
         balance_transactions=[WITHDRAWAL, REINSTATEMENT],
     )
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", opened)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", opened)))
     reinstated = b.dispute_event("charge.dispute.funds_reinstated", won, created=b.T0 + 50)
     closed = b.dispute_event("charge.dispute.closed", won, created=b.T0 + 50)
-    await h.apply(con, b.delivery(reinstated))
-    await h.apply(con, b.delivery(closed))
+    await h.apply(con, b.incoming(reinstated))
+    await h.apply(con, b.incoming(closed))
     assert await _dispute_rows(con) == [
         ("dispute_withdrawal", -1000, "usd"),
         ("dispute_fee", -1500, "usd"),
@@ -109,7 +114,7 @@ async def test_fee_books_in_the_settlement_currency(con: asyncpg.Connection) -> 
     await h.add_order_with_payment(con, "O-EU", "ch_eu", currency="eur")
     txn = b.balance_transaction(amount=-1100, currency="usd", fee=1500)
     dispute = b.dispute(charge_id="ch_eu", amount=1000, currency="eur", balance_transactions=[txn])
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", dispute)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", dispute)))
     assert await _dispute_rows(con) == [("dispute_withdrawal", -1000, "eur"), ("dispute_fee", -1500, "usd")]
     occurred = await con.fetchval(
         "select extract(epoch from occurred_at)::bigint from finance.ledger where kind = 'dispute_fee'"
@@ -118,14 +123,12 @@ async def test_fee_books_in_the_settlement_currency(con: asyncpg.Connection) -> 
 
 
 @pytest.mark.parametrize("outcome", ["lost", "warning_closed", "prevented"])
-async def test_closed_records_the_outcome_and_clears_disputed(
-    con: asyncpg.Connection, outcome: str
-) -> None:
+async def test_closed_records_the_outcome_and_clears_disputed(con: asyncpg.Connection, outcome: str) -> None:
     """Every closing status is recorded as the outcome and clears disputed."""
     opened = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1")
     closed = {**opened, "status": outcome}
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", opened)))
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", closed, created=b.T0 + 9)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", opened)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.closed", closed, created=b.T0 + 9)))
     assert await con.fetchval("select outcome from recon.disputes") == outcome
     assert await _flags(con) == (False, False)
 
@@ -133,10 +136,10 @@ async def test_closed_records_the_outcome_and_clears_disputed(
 async def test_appeal_sets_disputed_again(con: asyncpg.Connection) -> None:
     """A lost dispute that is appealed (appeal_needs_response) is disputed again."""
     lost = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1", status="lost")
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", lost)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.closed", lost)))
     assert await _flags(con) == (False, False)
     appeal = {**lost, "status": "appeal_needs_response"}
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.updated", appeal, created=b.T0 + 9)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.updated", appeal, created=b.T0 + 9)))
     assert await _flags(con) == (True, True)
     assert await con.fetchval("select outcome from recon.disputes") == "lost"
 
@@ -146,8 +149,8 @@ async def test_closed_delivered_first_is_not_reopened_by_older_events(con: async
     the dispute is still audited as opened and closed."""
     opened = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1")
     won = {**opened, "status": "won"}
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", won, created=b.T0 + 9)))
-    late = await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", opened)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.closed", won, created=b.T0 + 9)))
+    late = await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", opened)))
     assert late.outcome == "stale"
     assert await con.fetchval("select status from recon.disputes") == "won"
     assert await _flags(con) == (False, False)
@@ -161,15 +164,15 @@ async def test_same_second_dispute_tie_prefers_the_later_lifecycle_status(
     """Same created second: under_review outranks needs_response whatever the delivery order."""
     needs = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1")
     review = {**needs, "status": "under_review"}
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.updated", review, created=b.T0 + 4)))
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", needs, created=b.T0 + 4)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.updated", review, created=b.T0 + 4)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", needs, created=b.T0 + 4)))
     assert await con.fetchval("select status from recon.disputes") == "under_review"
 
 
 async def test_dispute_in_another_currency_books_nothing(con: asyncpg.Connection) -> None:
     """A dispute whose currency is not the payment's: currency_mismatch, nothing recorded."""
     dispute = b.dispute(charge_id="ch_1", amount=1000, currency="gbp", balance_transactions=[WITHDRAWAL])
-    result = await h.apply(con, b.delivery(b.dispute_event("charge.dispute.created", dispute)))
+    result = await h.apply(con, b.incoming(b.dispute_event("charge.dispute.created", dispute)))
     assert result.outcome == "mismatch"
     assert await _dispute_rows(con) == []
     assert await con.fetchval("select count(*) from recon.disputes") == 0
@@ -179,8 +182,8 @@ async def test_full_tie_keeps_the_stored_dispute_status(con: asyncpg.Connection)
     """Same second and same rank (won vs lost): the status stored first is kept; outcome too."""
     won = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1", status="won")
     lost = {**won, "status": "lost"}
-    await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", won, created=b.T0 + 4)))
-    result = await h.apply(con, b.delivery(b.dispute_event("charge.dispute.closed", lost, created=b.T0 + 4)))
+    await h.apply(con, b.incoming(b.dispute_event("charge.dispute.closed", won, created=b.T0 + 4)))
+    result = await h.apply(con, b.incoming(b.dispute_event("charge.dispute.closed", lost, created=b.T0 + 4)))
     assert result.outcome == "stale"
     row = await con.fetchrow("select status, outcome from recon.disputes")
     assert row is not None and (row["status"], row["outcome"]) == ("won", "won")

@@ -19,12 +19,13 @@ async def test_second_delivery_of_an_applied_event_is_a_duplicate(con: asyncpg.C
     await h.add_order_with_payment(con, "O-1", "ch_1")
     refund = b.refund(charge_id="ch_1", amount=300)
     event = b.refund_event("refund.created", refund)
-    first = await h.apply(con, b.delivery(event))
-    second = await h.apply(con, b.delivery(event, attempt=2))
+    first = await h.apply(con, b.incoming(event))
+    second = await h.apply(con, b.incoming(event, attempt=2))
     assert (first.outcome, second.outcome) == ("applied", "duplicate")
     assert second.stripe_object_id == refund["id"]
     assert await h.ledger(con, "ch_1") == [
-        ("charge", 1000, "usd", "ch_1"), ("refund", -300, "usd", refund["id"])
+        ("charge", 1000, "usd", "ch_1"),
+        ("refund", -300, "usd", refund["id"]),
     ]
     row = await h.inbox(con, event["id"])
     assert (row["outcome"], row["attempts"]) == ("applied", 1)
@@ -36,8 +37,8 @@ async def test_same_event_applied_twice_in_one_transaction_books_once(con: async
     await h.add_order_with_payment(con, "O-1", "ch_1")
     event = b.refund_event("refund.created", b.refund(charge_id="ch_1", amount=300))
     async with con.transaction():
-        first = await apply_event(con, b.delivery(event), Policy(3600))
-        second = await apply_event(con, b.delivery(event), Policy(3600))
+        first = await apply_event(con, b.incoming(event), Policy(3600))
+        second = await apply_event(con, b.incoming(event), Policy(3600))
     assert (first.outcome, second.outcome) == ("applied", "duplicate")
     assert await con.fetchval("select count(*) from recon.ledger_entries where kind = 'refund'") == 1
 
@@ -46,7 +47,7 @@ async def test_retrying_event_counts_attempts_and_has_no_processed_at(con: async
     """A retrying event is not applied: outcome retrying, attempts counted, processed_at null."""
     event = b.refund_event("refund.created", b.refund(charge_id="ch_unknown", amount=300))
     for attempt in (1, 2):
-        result = await h.apply(con, b.delivery(event, attempt=attempt))
+        result = await h.apply(con, b.incoming(event, attempt=attempt))
         assert (result.outcome, result.retry_reason) == ("retrying", "unmatched_charge")
     row = await h.inbox(con, event["id"])
     assert (row["outcome"], row["attempts"], row["processed_at"]) == ("retrying", 2, None)
@@ -56,13 +57,13 @@ async def test_inbox_keeps_the_earliest_first_seen_at(con: asyncpg.Connection) -
     """A retry's delivery time does not restart the unmatched clock: the first one counts."""
     event = b.refund_event("refund.created", b.refund(charge_id="ch_unknown", amount=300))
     early = datetime.now(UTC) - timedelta(seconds=100)
-    await h.apply(con, b.delivery(event, first_seen_at=early), retry_s=3600)
-    await h.apply(con, b.delivery(event, first_seen_at=datetime.now(UTC)), retry_s=3600)
+    await h.apply(con, b.incoming(event, first_seen_at=early), retry_s=3600)
+    await h.apply(con, b.incoming(event, first_seen_at=datetime.now(UTC)), retry_s=3600)
     first_seen = await con.fetchval(
         "select first_seen_at from recon.event_inbox where event_id = $1", event["id"]
     )
     assert first_seen == early
-    result = await h.apply(con, b.delivery(event, first_seen_at=datetime.now(UTC)), retry_s=50)
+    result = await h.apply(con, b.incoming(event, first_seen_at=datetime.now(UTC)), retry_s=50)
     assert result.outcome == "unmatched"
 
 
@@ -74,6 +75,8 @@ def _dead(event: dict[str, object], error: str = "KeyError: 'amount'") -> DeadLe
         error=error,
         attempts=8,
         first_seen_at=datetime.now(UTC) - timedelta(minutes=5),
+        created=datetime.fromtimestamp(int(str(event["created"])), UTC),
+        object_id=str(event["data"]["object"]["id"]),  # type: ignore[index]
     )
 
 
@@ -102,7 +105,7 @@ async def test_replayed_dead_letter_applies_and_resolves_its_exception(con: asyn
     event = b.refund_event("refund.created", b.refund(charge_id="ch_1", amount=300))
     async with con.transaction():
         await record_dead_letter(con, _dead(event))
-    result = await h.apply(con, b.delivery(event))
+    result = await h.apply(con, b.incoming(event))
     assert result.outcome == "applied"
     raised = await h.exceptions(con, "dead_lettered")
     assert raised[0]["resolved_at"] is not None
@@ -113,7 +116,7 @@ async def test_dead_letter_of_an_applied_event_changes_nothing(con: asyncpg.Conn
     """A late dead-lettering of an event already applied keeps `applied` and raises nothing."""
     await h.add_order_with_payment(con, "O-1", "ch_1")
     event = b.refund_event("refund.created", b.refund(charge_id="ch_1", amount=300))
-    await h.apply(con, b.delivery(event))
+    await h.apply(con, b.incoming(event))
     async with con.transaction():
         await record_dead_letter(con, _dead(event))
     assert (await h.inbox(con, event["id"]))["outcome"] == "applied"
@@ -122,8 +125,16 @@ async def test_dead_letter_of_an_applied_event_changes_nothing(con: asyncpg.Conn
 
 async def test_dead_letter_with_an_unparsable_body_is_still_kept(con: asyncpg.Connection) -> None:
     """A body that is not JSON still gets its dead letter, inbox row and exception."""
-    dead = DeadLetter("evt_garbage", "charge.refunded", b"\xff not json", "JSONDecodeError", 3,
-                      datetime.now(UTC))
+    dead = DeadLetter(
+        "evt_garbage",
+        "charge.refunded",
+        b"\xff not json",
+        "JSONDecodeError",
+        3,
+        datetime.now(UTC),
+        None,
+        None,
+    )
     async with con.transaction():
         await record_dead_letter(con, dead)
     assert (await h.inbox(con, "evt_garbage"))["outcome"] == "dead_lettered"
@@ -139,7 +150,7 @@ async def test_concurrent_deliveries_of_one_event_apply_once(database_url: str) 
 
     async def deliver(con: asyncpg.Connection) -> str:
         async with con.transaction():
-            return (await apply_event(con, b.delivery(event), Policy(3600))).outcome
+            return (await apply_event(con, b.incoming(event), Policy(3600))).outcome
 
     try:
         outcomes = await asyncio.gather(*(deliver(w) for w in workers))

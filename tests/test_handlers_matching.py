@@ -1,4 +1,5 @@
-"""Matching a charge to a payment (CONTRACT §5, rule 8) and the currency check."""
+"""Matching a charge to a payment (by charge, intent, then metadata), unmatched waiting, and the
+currency check."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from tests import event_stream
 from tests import host_records as h
 from tests.event_stream import HostPayment
 from tests.harness import wait_until
-from worker.consumer import SESSION_SETTINGS
+from worker.consume.database import SESSION_SETTINGS
 
 
 async def test_matches_by_charge_id(con: asyncpg.Connection) -> None:
     """A payment the host recorded with stripe_charge_id is matched by it; log fields are filled."""
     await h.add_order_with_payment(con, "O-1", "ch_1")
-    result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", b.charge(charge_id="ch_1"))))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.succeeded", b.charge(charge_id="ch_1"))))
     assert (result.outcome, result.stripe_object_id, result.order_number) == ("applied", "ch_1", "O-1")
     assert result.invoice_number is None
 
@@ -31,7 +32,7 @@ async def test_matches_by_payment_intent_and_learns_the_charge_id(con: asyncpg.C
     invoice_id = await h.add_invoice(con, "I-1")
     await h.add_payment(con, invoice_id=invoice_id, payment_intent="pi_1", method="stripe_link")
     refund = b.refund(charge_id="ch_9", amount=100, payment_intent="pi_1")
-    result = await h.apply(con, b.delivery(b.refund_event("refund.created", refund)))
+    result = await h.apply(con, b.incoming(b.refund_event("refund.created", refund)))
     assert (result.outcome, result.invoice_number) == ("applied", "I-1")
     assert await con.fetchval("select stripe_charge_id from recon.payments") == "ch_9"
     assert [k for k, *_ in await h.ledger(con, "ch_9")] == ["charge", "refund"]
@@ -43,7 +44,7 @@ async def test_charge_id_match_wins_over_payment_intent(con: asyncpg.Connection)
     other = await h.add_order(con, "O-2")
     await h.add_payment(con, order_id=other, payment_intent="pi_1")
     charge = b.charge(charge_id="ch_1", payment_intent="pi_1")
-    result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge)))
     assert result.order_number == "O-1"
 
 
@@ -70,7 +71,7 @@ async def test_metadata_naming_an_owner_creates_the_payment(
         metadata={f"{owner}_number": "N-1"},
         method_type=method_type,
     )
-    result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge)))
     assert result.outcome == "applied"
     row = await con.fetchrow("select * from recon.payments")
     assert row is not None
@@ -89,7 +90,7 @@ async def test_metadata_naming_an_owner_creates_the_payment(
 async def test_metadata_naming_no_existing_owner_is_unmatched(con: asyncpg.Connection) -> None:
     """Metadata naming an order that does not exist creates nothing: the event retries."""
     charge = b.charge(charge_id="ch_1", metadata={"order_number": "NOPE"})
-    result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge)))
     assert (result.outcome, result.retry_reason) == ("retrying", "unmatched_charge")
     assert await con.fetchval("select count(*) from recon.payments") == 0
 
@@ -99,14 +100,14 @@ async def test_unmatched_after_the_retry_window_raises_an_exception(con: asyncpg
     refund = b.refund(charge_id="ch_lost", amount=300)
     event = b.refund_event("refund.created", refund)
     old = datetime.now(UTC) - timedelta(seconds=61)
-    result = await h.apply(con, b.delivery(event, first_seen_at=old, attempt=5), retry_s=60)
+    result = await h.apply(con, b.incoming(event, first_seen_at=old, attempt=5), retry_s=60)
     assert result.outcome == "unmatched"
     raised = await h.exceptions(con, "unmatched_charge")
     assert [(e["stripe_event_id"], e["stripe_object_id"]) for e in raised] == [(event["id"], refund["id"])]
     assert await h.audit_actions(con, event["id"]) == ["event_unmatched"]
     row = await h.inbox(con, event["id"])
     assert row["outcome"] == "unmatched" and row["processed_at"] is not None
-    assert (await h.apply(con, b.delivery(event), retry_s=60)).outcome == "duplicate"
+    assert (await h.apply(con, b.incoming(event), retry_s=60)).outcome == "duplicate"
 
 
 async def test_unmatched_retry_becomes_applied_once_the_host_records_the_payment(
@@ -114,9 +115,9 @@ async def test_unmatched_retry_becomes_applied_once_the_host_records_the_payment
 ) -> None:
     """An event retried for an unknown charge applies once the host has recorded the payment."""
     event = b.refund_event("refund.created", b.refund(charge_id="ch_late", amount=300))
-    assert (await h.apply(con, b.delivery(event))).outcome == "retrying"
+    assert (await h.apply(con, b.incoming(event))).outcome == "retrying"
     await h.add_order_with_payment(con, "O-1", "ch_late")
-    assert (await h.apply(con, b.delivery(event, attempt=2))).outcome == "applied"
+    assert (await h.apply(con, b.incoming(event, attempt=2))).outcome == "applied"
     assert (await h.inbox(con, event["id"]))["attempts"] == 2
 
 
@@ -124,7 +125,7 @@ async def test_currency_differing_from_the_payment_books_nothing(con: asyncpg.Co
     """An event in another currency than the payment's: currency_mismatch, nothing booked."""
     await h.add_order_with_payment(con, "O-1", "ch_1", currency="eur")
     event = b.refund_event("refund.created", b.refund(charge_id="ch_1", amount=300, currency="usd"))
-    result = await h.apply(con, b.delivery(event))
+    result = await h.apply(con, b.incoming(event))
     assert (result.outcome, result.order_number) == ("mismatch", "O-1")
     assert await con.fetchval("select count(*) from recon.ledger_entries") == 0
     raised = await h.exceptions(con, "currency_mismatch")
@@ -136,7 +137,7 @@ async def test_metadata_owner_in_another_currency_creates_no_payment(con: asyncp
     """Metadata naming an order in another currency: currency_mismatch, no payment created."""
     await h.add_order(con, "O-1", currency="eur")
     charge = b.charge(charge_id="ch_1", metadata={"order_number": "O-1"}, currency="usd")
-    result = await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge)))
     assert result.outcome == "mismatch"
     assert await con.fetchval("select count(*) from recon.payments") == 0
     assert len(await h.exceptions(con, "currency_mismatch")) == 1
@@ -155,7 +156,7 @@ async def test_concurrent_first_events_create_one_payment(database_url: str) -> 
 
     async def one(con: asyncpg.Connection, event: dict[str, object]) -> str:
         async with con.transaction():
-            return (await apply_event(con, b.delivery(event), Policy(3600))).outcome
+            return (await apply_event(con, b.incoming(event), Policy(3600))).outcome
 
     try:
         outcomes = await asyncio.gather(*(one(c, e) for c, e in zip(connections, events, strict=True)))
@@ -177,12 +178,12 @@ async def test_payment_row_lock_serializes_events_of_one_charge(database_url: st
     try:
         tx = first.transaction()
         await tx.start()
-        await apply_event(first, b.delivery(b.refund_event("refund.created", r1)), Policy(3600))
+        await apply_event(first, b.incoming(b.refund_event("refund.created", r1)), Policy(3600))
 
         async def later() -> str:
             async with second.transaction():
                 event = b.refund_event("refund.created", r2)
-                return (await apply_event(second, b.delivery(event), Policy(3600))).outcome
+                return (await apply_event(second, b.incoming(event), Policy(3600))).outcome
 
         waiting = asyncio.create_task(later())
         second_pid = second.get_server_pid()
@@ -209,7 +210,7 @@ async def test_the_batch_lock_finds_payments_by_index_on_the_workers_sessions(
     con: asyncpg.Connection, database_url: str
 ) -> None:
     """With a few thousand payments the default random_page_cost (4) makes the batch's lock read
-    every order (a seq scan and a hash join) on every batch; the worker's sessions (consumer.SESSION_SETTINGS)
+    every order (a seq scan and a hash join) on every batch; the worker's sessions (database.SESSION_SETTINGS)
     price index probes as on SSD, so the plan the worker caches probes the unique indexes."""
     payments = [HostPayment(f"O-{n}", f"ch_{n:05}", 1000, "usd") for n in range(5000)]
     await event_stream.seed(con, payments)

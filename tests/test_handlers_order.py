@@ -20,18 +20,27 @@ def _history(
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
     """One charge's life as (event, fetched refunds) pairs: captured, refund A 300 pending then
     succeeded, refund B 200 requires_action → pending → failed, a dispute opened and won."""
-    a_pending = b.refund(charge_id=charge_id, amount=300, refund_id=f"re_a_{charge_id}",
-                         status="pending", created=T + 10)
+    a_pending = b.refund(
+        charge_id=charge_id, amount=300, refund_id=f"re_a_{charge_id}", status="pending", created=T + 10
+    )
     a_done = {**a_pending, "status": "succeeded"}
-    b_action = b.refund(charge_id=charge_id, amount=200, refund_id=f"re_b_{charge_id}",
-                        status="requires_action", created=T + 30)
+    b_action = b.refund(
+        charge_id=charge_id,
+        amount=200,
+        refund_id=f"re_b_{charge_id}",
+        status="requires_action",
+        created=T + 30,
+    )
     b_pending, b_failed = {**b_action, "status": "pending"}, {**b_action, "status": "failed"}
-    withdrawal = b.balance_transaction(amount=-1000, fee=1500, txn_id=f"txn_w_{charge_id}",
-                                       created=T + 60)
-    reinstated = b.balance_transaction(amount=1000, fee=-1500, txn_id=f"txn_r_{charge_id}",
-                                       created=T + 90)
-    opened = b.dispute(charge_id=charge_id, amount=1000, dispute_id=f"du_{charge_id}",
-                       balance_transactions=[withdrawal], created=T + 60)
+    withdrawal = b.balance_transaction(amount=-1000, fee=1500, txn_id=f"txn_w_{charge_id}", created=T + 60)
+    reinstated = b.balance_transaction(amount=1000, fee=-1500, txn_id=f"txn_r_{charge_id}", created=T + 90)
+    opened = b.dispute(
+        charge_id=charge_id,
+        amount=1000,
+        dispute_id=f"du_{charge_id}",
+        balance_transactions=[withdrawal],
+        created=T + 60,
+    )
     won = {**opened, "status": "won", "balance_transactions": [withdrawal, reinstated]}
     charged = b.charge(charge_id=charge_id)
     after_a = b.charge(charge_id=charge_id, refunds=[a_done])
@@ -39,17 +48,19 @@ def _history(
     events: list[tuple[dict[str, Any], list[dict[str, Any]] | None]] = [
         (b.charge_event("charge.succeeded", charged, created=T, api_version=era), None),
         (b.charge_event("charge.refunded", after_a, created=T + 20, api_version=era), [a_done]),
-        (b.charge_event("charge.refunded", after_b, created=T + 50, api_version=era),
-         [a_done, b_failed]),
+        (b.charge_event("charge.refunded", after_b, created=T + 50, api_version=era), [a_done, b_failed]),
         (b.dispute_event("charge.dispute.created", opened, created=T + 60), None),
         (b.dispute_event("charge.dispute.funds_withdrawn", opened, created=T + 60), None),
         (b.dispute_event("charge.dispute.funds_reinstated", won, created=T + 90), None),
         (b.dispute_event("charge.dispute.closed", won, created=T + 90), None),
     ]
     refund_events = [
-        ("refund.created", a_pending, T + 10), ("refund.updated", a_done, T + 20),
-        ("charge.refund.updated", a_done, T + 20), ("refund.created", b_action, T + 30),
-        ("refund.updated", b_pending, T + 40), ("refund.failed", b_failed, T + 50),
+        ("refund.created", a_pending, T + 10),
+        ("refund.updated", a_done, T + 20),
+        ("charge.refund.updated", a_done, T + 20),
+        ("refund.created", b_action, T + 30),
+        ("refund.updated", b_pending, T + 40),
+        ("refund.failed", b_failed, T + 50),
         ("charge.refund.updated", b_failed, T + 50),
     ]
     events += [(b.refund_event(t, r, created=c), None) for t, r, c in refund_events]
@@ -67,7 +78,7 @@ async def _deliver_all(
         if not queue:
             return
         event, fetched = queue.pop(0)
-        result = await h.apply(con, b.delivery(event, fetched_refunds=fetched))
+        result = await h.apply(con, b.incoming(event, fetched_refunds=fetched))
         if result.outcome == "retrying":
             queue.append((event, fetched))
     raise AssertionError(f"events still retrying: {[e['id'] for e, _ in queue]}")
@@ -78,17 +89,23 @@ async def _final_state(con: asyncpg.Connection, charge_id: str) -> dict[str, Any
     failed_refund = f"re_b_{charge_id}"
     return {
         # A refund that ends failed nets to zero, as no rows or as refund + reversal (rule 4).
-        "ledger": sorted((k, a, c, o.replace(charge_id, "CH")) for k, a, c, o in rows
-                         if o != failed_refund),
+        "ledger": sorted((k, a, c, o.replace(charge_id, "CH")) for k, a, c, o in rows if o != failed_refund),
         "failed_refund_net": sum(a for _, a, _, o in rows if o == failed_refund),
-        "balance": {k: v for k, v in (await h.balance(con, charge_id)).items()
-                    if k not in ("stripe_charge_id", "order_number")},
+        "balance": {
+            k: v
+            for k, v in (await h.balance(con, charge_id)).items()
+            if k not in ("stripe_charge_id", "order_number")
+        },
         "refund_status": await con.fetchval(
             "select string_agg(r.status, ',' order by r.amount) from recon.refunds r "
-            "join recon.payments p on p.id = r.payment_id where p.stripe_charge_id = $1", charge_id),
+            "join recon.payments p on p.id = r.payment_id where p.stripe_charge_id = $1",
+            charge_id,
+        ),
         "order_status": await con.fetchval(
             "select o.status || '/' || o.disputed from recon.orders o join recon.payments p "
-            "on p.order_id = o.id where p.stripe_charge_id = $1", charge_id),
+            "on p.order_id = o.id where p.stripe_charge_id = $1",
+            charge_id,
+        ),
         "exceptions": await con.fetchval("select count(*) from recon.exceptions"),
     }
 
@@ -144,7 +161,7 @@ async def test_same_second_events_do_not_depend_on_order(con: asyncpg.Connection
             b.refund_event("refund.failed", {**pending, "status": "failed"}, created=T),
         ]
         for index in order:
-            await h.apply(con, b.delivery(events[index]))
+            await h.apply(con, b.incoming(events[index]))
         balance = await h.balance(con, charge_id)
         assert (balance["amount_refunded"], balance["status"]) == (0, "paid"), order
         assert sum(a for k, a, *_ in await h.ledger(con, charge_id) if k != "charge") == 0

@@ -40,9 +40,9 @@ async def test_one_refund_row_whichever_events_report_it(con: asyncpg.Connection
         b.charge_event("charge.refunded", charge, api_version=b.OLD_API_VERSION),
     ]
     for event in events:
-        await h.apply(con, b.delivery(event))
+        await h.apply(con, b.incoming(event))
     new_era = b.charge_event("charge.refunded", charge, created=b.T0 + 2)
-    await h.apply(con, b.delivery(new_era, fetched_refunds=[refund]))
+    await h.apply(con, b.incoming(new_era, fetched_refunds=[refund]))
     assert await _refund_rows(con) == [("refund", -300)]
     assert (await h.audit_actions(con)).count("stripe_refund_recorded") == 1
     occurred = await con.fetchval("select occurred_at from finance.ledger where kind = 'refund'")
@@ -52,10 +52,10 @@ async def test_one_refund_row_whichever_events_report_it(con: asyncpg.Connection
 async def test_requires_action_books_nothing_until_pending(con: asyncpg.Connection) -> None:
     """requires_action has moved no money: nothing is booked until the refund turns pending."""
     waiting = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="requires_action")
-    await h.apply(con, b.delivery(b.refund_event("refund.created", waiting)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", waiting)))
     assert await _refund_rows(con) == []
     pending = {**waiting, "status": "pending"}
-    await h.apply(con, b.delivery(b.refund_event("refund.updated", pending, created=b.T0 + 1)))
+    await h.apply(con, b.incoming(b.refund_event("refund.updated", pending, created=b.T0 + 1)))
     assert await _refund_rows(con) == [("refund", -300)]
 
 
@@ -63,9 +63,9 @@ async def test_failed_after_booking_books_one_reversal(con: asyncpg.Connection) 
     """A booked refund that fails gets exactly one refund_reversal (+amount); it nets to zero."""
     pending = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
     failed = {**pending, "status": "failed"}
-    await h.apply(con, b.delivery(b.refund_event("refund.created", pending)))
-    await h.apply(con, b.delivery(b.refund_event("refund.failed", failed, created=b.T0 + 5)))
-    await h.apply(con, b.delivery(b.refund_event("charge.refund.updated", failed, created=b.T0 + 5)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", pending)))
+    await h.apply(con, b.incoming(b.refund_event("refund.failed", failed, created=b.T0 + 5)))
+    await h.apply(con, b.incoming(b.refund_event("charge.refund.updated", failed, created=b.T0 + 5)))
     assert await _refund_rows(con) == [("refund", -300), ("refund_reversal", 300)]
     balance = await h.balance(con, "ch_1")
     assert (balance["amount_refunded"], balance["status"]) == (0, "paid")
@@ -78,9 +78,9 @@ async def test_failed_after_booking_books_one_reversal(con: asyncpg.Connection) 
 async def test_canceled_refund_is_reversed_too(con: asyncpg.Connection) -> None:
     """canceled after pending books a reversal just like failed."""
     pending = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
-    await h.apply(con, b.delivery(b.refund_event("refund.created", pending)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", pending)))
     canceled = {**pending, "status": "canceled"}
-    await h.apply(con, b.delivery(b.refund_event("refund.updated", canceled, created=b.T0 + 1)))
+    await h.apply(con, b.incoming(b.refund_event("refund.updated", canceled, created=b.T0 + 1)))
     assert await _refund_rows(con) == [("refund", -300), ("refund_reversal", 300)]
 
 
@@ -88,8 +88,8 @@ async def test_refund_known_failed_is_not_booked_by_an_older_event(con: asyncpg.
     """Failure delivered first, then the older pending snapshot: nothing is booked at all."""
     pending = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
     failed = {**pending, "status": "failed"}
-    await h.apply(con, b.delivery(b.refund_event("refund.failed", failed, created=b.T0 + 5)))
-    late = await h.apply(con, b.delivery(b.refund_event("refund.created", pending)))
+    await h.apply(con, b.incoming(b.refund_event("refund.failed", failed, created=b.T0 + 5)))
+    late = await h.apply(con, b.incoming(b.refund_event("refund.created", pending)))
     assert late.outcome == "stale"
     assert await _refund_rows(con) == []
     assert await con.fetchval("select status from recon.refunds") == "failed"
@@ -107,7 +107,7 @@ async def test_same_second_tie_prefers_the_later_lifecycle_status(
         b.refund_event("refund.failed", failed, created=b.T0 + 3),
     ]
     for event in reversed(events) if failed_first else events:
-        await h.apply(con, b.delivery(event))
+        await h.apply(con, b.incoming(event))
     assert await con.fetchval("select status from recon.refunds") == "failed"
     assert sum(a for _, a in await _refund_rows(con)) == 0
     assert (await h.balance(con, "ch_1"))["status"] == "paid"
@@ -117,24 +117,22 @@ async def test_full_tie_keeps_the_stored_status(con: asyncpg.Connection) -> None
     """Same second and same rank (failed vs canceled): the first stored status is kept."""
     failed = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="failed")
     canceled = {**failed, "status": "canceled"}
-    await h.apply(con, b.delivery(b.refund_event("refund.failed", failed, created=b.T0 + 3)))
-    result = await h.apply(con, b.delivery(b.refund_event("refund.updated", canceled, created=b.T0 + 3)))
+    await h.apply(con, b.incoming(b.refund_event("refund.failed", failed, created=b.T0 + 3)))
+    result = await h.apply(con, b.incoming(b.refund_event("refund.updated", canceled, created=b.T0 + 3)))
     assert result.outcome == "stale"
     assert await con.fetchval("select status from recon.refunds") == "failed"
 
 
 async def test_expired_authorisation_release_books_nothing(con: asyncpg.Connection) -> None:
     """A refund with reason expired_uncaptured_charge is a release: no refund row, no mismatch."""
-    release = b.refund(
-        charge_id="ch_1", amount=1000, refund_id="re_rel", reason="expired_uncaptured_charge"
-    )
+    release = b.refund(charge_id="ch_1", amount=1000, refund_id="re_rel", reason="expired_uncaptured_charge")
     charge = b.charge(charge_id="ch_1", captured=False, refunds=[release])
     assert charge["amount_refunded"] == 1000
     for era in (b.OLD_API_VERSION, b.NEW_API_VERSION):
         event = b.charge_event("charge.refunded", charge, created=b.T0 + 7, api_version=era)
-        result = await h.apply(con, b.delivery(event))
+        result = await h.apply(con, b.incoming(event))
         assert result.outcome in ("applied", "stale")
-    result = await h.apply(con, b.delivery(b.refund_event("refund.created", release)))
+    result = await h.apply(con, b.incoming(b.refund_event("refund.created", release)))
     assert await _refund_rows(con) == []
     assert await h.exceptions(con) == []
     assert (await h.balance(con, "ch_1"))["amount_refunded"] == 0
@@ -148,15 +146,13 @@ async def test_uncaptured_remainder_of_a_partial_capture_is_not_a_refund(
     assert charge["amount_refunded"] == 200
     event = b.charge_event("charge.refunded", charge, api_version=b.OLD_API_VERSION)
     assert refund_fetch_needed(event) is None
-    result = await h.apply(con, b.delivery(event))
+    result = await h.apply(con, b.incoming(event))
     assert result.outcome == "applied"
     assert await _refund_rows(con) == []
 
 
 @pytest.mark.parametrize("era", [b.OLD_API_VERSION, b.NEW_API_VERSION])
-async def test_charge_refunded_books_what_it_carries_in_both_eras(
-    con: asyncpg.Connection, era: str
-) -> None:
+async def test_charge_refunded_books_what_it_carries_in_both_eras(con: asyncpg.Connection, era: str) -> None:
     """Old era: the embedded list is booked. New era: the refunds the runtime fetched are booked."""
     refunds = [
         b.refund(charge_id="ch_1", amount=300, refund_id="re_1"),
@@ -166,7 +162,7 @@ async def test_charge_refunded_books_what_it_carries_in_both_eras(
     event = b.charge_event("charge.refunded", charge, api_version=era)
     fetched = refunds if refund_fetch_needed(event) == "ch_1" else None
     assert (fetched is None) == (era == b.OLD_API_VERSION)
-    result = await h.apply(con, b.delivery(event, fetched_refunds=fetched))
+    result = await h.apply(con, b.incoming(event, fetched_refunds=fetched))
     assert result.outcome == "applied"
     assert sorted(await _refund_rows(con)) == [("refund", -300), ("refund", -200)]
     assert (await h.balance(con, "ch_1"))["status"] == "partially_refunded"
@@ -179,12 +175,12 @@ async def test_new_era_short_checkpoint_retries_until_refund_events_arrive(
     refund.created is booked the retry applies."""
     refund = b.refund(charge_id="ch_1", amount=400, refund_id="re_1")
     event = b.charge_event("charge.refunded", b.charge(charge_id="ch_1", refunds=[refund]))
-    result = await h.apply(con, b.delivery(event))
+    result = await h.apply(con, b.incoming(event))
     assert (result.outcome, result.retry_reason) == ("retrying", "refunds_short")
     row = await h.inbox(con, event["id"])
     assert (row["outcome"], row["processed_at"]) == ("retrying", None)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", refund)))
-    assert (await h.apply(con, b.delivery(event, attempt=2))).outcome == "applied"
+    await h.apply(con, b.incoming(b.refund_event("refund.created", refund)))
+    assert (await h.apply(con, b.incoming(event, attempt=2))).outcome == "applied"
     assert await _refund_rows(con) == [("refund", -400)]
 
 
@@ -196,10 +192,10 @@ async def test_fetched_refunds_still_short_retry_then_raise_refund_mismatch(
     refund = b.refund(charge_id="ch_1", amount=100, refund_id="re_1")
     charge = b.charge(charge_id="ch_1", amount_refunded=600)
     event = b.charge_event("charge.refunded", charge)
-    early = await h.apply(con, b.delivery(event, fetched_refunds=[refund]))
+    early = await h.apply(con, b.incoming(event, fetched_refunds=[refund]))
     assert (early.outcome, early.retry_reason) == ("retrying", "refunds_short")
     old = datetime.now(UTC) - timedelta(hours=2)
-    late = await h.apply(con, b.delivery(event, first_seen_at=old, fetched_refunds=[refund]))
+    late = await h.apply(con, b.incoming(event, first_seen_at=old, fetched_refunds=[refund]))
     assert late.outcome == "mismatch"
     raised = await h.exceptions(con, "refund_mismatch")
     assert [(e["stripe_event_id"], e["stripe_object_id"]) for e in raised] == [(event["id"], "ch_1")]
@@ -211,9 +207,9 @@ async def test_fetched_refunds_still_short_retry_then_raise_refund_mismatch(
 async def test_older_charge_refunded_is_not_judged(con: asyncpg.Connection) -> None:
     """A charge.refunded older than the newest charge snapshot applied is not a checkpoint."""
     newest = b.charge(charge_id="ch_1")
-    await h.apply(con, b.delivery(b.charge_event("charge.refunded", newest, created=b.T0 + 10)))
+    await h.apply(con, b.incoming(b.charge_event("charge.refunded", newest, created=b.T0 + 10)))
     short = b.charge(charge_id="ch_1", amount_refunded=500)
-    result = await h.apply(con, b.delivery(b.charge_event("charge.refunded", short, created=b.T0 + 5)))
+    result = await h.apply(con, b.incoming(b.charge_event("charge.refunded", short, created=b.T0 + 5)))
     assert result.outcome == "stale"
     assert await h.exceptions(con) == []
 
@@ -225,10 +221,10 @@ async def test_failure_known_before_the_checkpoint_does_not_make_it_short(
     succeeded: the checkpoint counts what was live at its time and applies without a retry."""
     refund = b.refund(charge_id="ch_1", amount=300, refund_id="re_1")
     failed = {**refund, "status": "failed"}
-    await h.apply(con, b.delivery(b.refund_event("refund.failed", failed, created=b.T0 + 20)))
+    await h.apply(con, b.incoming(b.refund_event("refund.failed", failed, created=b.T0 + 20)))
     charge = b.charge(charge_id="ch_1", refunds=[refund])
     event = b.charge_event("charge.refunded", charge, created=b.T0 + 10, api_version=b.OLD_API_VERSION)
-    assert (await h.apply(con, b.delivery(event))).outcome in ("applied", "stale")
+    assert (await h.apply(con, b.incoming(event))).outcome in ("applied", "stale")
     assert await _refund_rows(con) == []
     assert await h.exceptions(con) == []
 
@@ -237,9 +233,9 @@ async def test_over_refund_is_booked_and_raised(con: asyncpg.Connection) -> None
     """Refunds beyond the captured amount raise over_refund and are still booked."""
     first = b.refund(charge_id="ch_1", amount=800, refund_id="re_1")
     second = b.refund(charge_id="ch_1", amount=500, refund_id="re_2", created=b.T0 + 1)
-    await h.apply(con, b.delivery(b.refund_event("refund.created", first)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", first)))
     assert await h.exceptions(con, "over_refund") == []
-    await h.apply(con, b.delivery(b.refund_event("refund.created", second, created=b.T0 + 1)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", second, created=b.T0 + 1)))
     raised = await h.exceptions(con, "over_refund")
     assert [e["stripe_object_id"] for e in raised] == ["re_2"]
     assert raised[0]["detail"]["amount_refunded"] == 1300
@@ -251,7 +247,7 @@ async def test_jpy_refund_amount_decimal_is_whole_yen(con: asyncpg.Connection) -
     """A JPY refund of 5000 is -5000 yen in amount_decimal."""
     await h.add_order_with_payment(con, "O-JP", "ch_jp", amount=110000, currency="jpy")
     refund = b.refund(charge_id="ch_jp", amount=5000, currency="jpy")
-    await h.apply(con, b.delivery(b.refund_event("refund.created", refund)))
+    await h.apply(con, b.incoming(b.refund_event("refund.created", refund)))
     value = await con.fetchval(
         "select amount_decimal::text from finance.ledger where stripe_object_id = $1", refund["id"]
     )
@@ -307,10 +303,9 @@ async def test_every_change_writes_an_audit_row(con: asyncpg.Connection) -> None
     payment's and order's status moves; its failure audits the status and the reversal."""
     refund = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
     created = b.refund_event("refund.created", refund)
-    await h.apply(con, b.delivery(created))
+    await h.apply(con, b.incoming(created))
     rows = await con.fetch(
-        "select action, detail->>'object' as obj from recon.audit_log where stripe_event_id = $1 "
-        "order by id",
+        "select action, detail->>'object' as obj from recon.audit_log where stripe_event_id = $1 order by id",
         created["id"],
     )
     assert [(r["action"], r["obj"]) for r in rows] == [
@@ -320,9 +315,12 @@ async def test_every_change_writes_an_audit_row(con: asyncpg.Connection) -> None
         ("status_changed", "order"),
     ]
     failed = b.refund_event("refund.failed", {**refund, "status": "failed"}, created=b.T0 + 1)
-    await h.apply(con, b.delivery(failed))
+    await h.apply(con, b.incoming(failed))
     assert await h.audit_actions(con, failed["id"]) == [
-        "status_changed", "stripe_refund_reversed", "status_changed", "status_changed",
+        "status_changed",
+        "stripe_refund_reversed",
+        "status_changed",
+        "status_changed",
     ]
 
 
@@ -330,9 +328,10 @@ async def test_fetched_refund_is_still_moved_by_a_later_failure_event(con: async
     """Fetched refunds count as a snapshot at the charge.refunded's created, not at our clock: a
     refund.failed Stripe created after that event still reverses the refund the fetch booked."""
     pending = b.refund(charge_id="ch_1", amount=300, refund_id="re_1", status="pending")
-    event = b.charge_event("charge.refunded", b.charge(charge_id="ch_1", refunds=[pending]),
-                           created=b.T0 + 10)
-    await h.apply(con, b.delivery(event, fetched_refunds=[pending]))
+    event = b.charge_event(
+        "charge.refunded", b.charge(charge_id="ch_1", refunds=[pending]), created=b.T0 + 10
+    )
+    await h.apply(con, b.incoming(event, fetched_refunds=[pending]))
     failed = b.refund_event("refund.failed", {**pending, "status": "failed"}, created=b.T0 + 20)
-    await h.apply(con, b.delivery(failed))
+    await h.apply(con, b.incoming(failed))
     assert await _refund_rows(con) == [("refund", -300), ("refund_reversal", 300)]

@@ -12,29 +12,67 @@ from tests import host_records as h
 
 FINANCE_COLUMNS = {
     "ledger": [
-        "entry_id", "booked_at", "occurred_at", "kind", "amount", "currency", "amount_decimal",
-        "order_number", "invoice_number", "stripe_charge_id", "stripe_object_id", "stripe_event_id",
+        "entry_id",
+        "booked_at",
+        "occurred_at",
+        "kind",
+        "amount",
+        "currency",
+        "amount_decimal",
+        "order_number",
+        "invoice_number",
+        "stripe_charge_id",
+        "stripe_object_id",
+        "stripe_event_id",
     ],
     "payment_balances": [
-        "stripe_charge_id", "order_number", "invoice_number", "currency", "amount",
-        "amount_refunded", "refundable_amount", "net_amount", "status", "disputed", "dispute_status",
+        "stripe_charge_id",
+        "order_number",
+        "invoice_number",
+        "currency",
+        "amount",
+        "amount_refunded",
+        "refundable_amount",
+        "net_amount",
+        "status",
+        "disputed",
+        "dispute_status",
     ],
     "open_disputes": [
-        "stripe_dispute_id", "stripe_charge_id", "order_number", "invoice_number", "amount",
-        "currency", "reason", "status", "evidence_due_by",
+        "stripe_dispute_id",
+        "stripe_charge_id",
+        "order_number",
+        "invoice_number",
+        "amount",
+        "currency",
+        "reason",
+        "status",
+        "evidence_due_by",
     ],
     "exceptions": [
-        "id", "raised_at", "kind", "stripe_event_id", "stripe_object_id", "detail", "resolved_at",
+        "id",
+        "raised_at",
+        "kind",
+        "stripe_event_id",
+        "stripe_object_id",
+        "detail",
+        "resolved_at",
     ],
     "events": [
-        "stripe_event_id", "type", "created", "received_at", "processed_at", "outcome", "attempts",
+        "stripe_event_id",
+        "type",
+        "created",
+        "received_at",
+        "processed_at",
+        "outcome",
+        "attempts",
     ],
 }
 
 
 async def _booked_charge(con: asyncpg.Connection) -> str:
     await h.add_order_with_payment(con, "O-1", "ch_schema")
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", b.charge(charge_id="ch_schema"))))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", b.charge(charge_id="ch_schema"))))
     return "ch_schema"
 
 
@@ -84,7 +122,7 @@ async def test_payment_belongs_to_exactly_one_of_order_or_invoice(con: asyncpg.C
 
 
 async def test_host_status_values_are_checked(con: asyncpg.Connection) -> None:
-    """Order status, invoice payment_link_status and payment method accept only CONTRACT §5 values."""
+    """Order status, invoice payment_link_status and payment method accept only the documented values."""
     with pytest.raises(asyncpg.CheckViolationError):
         await h.add_order(con, "O-1", status="shipped")
     invoice_id = await h.add_invoice(con, "I-1")
@@ -97,7 +135,7 @@ async def test_host_status_values_are_checked(con: asyncpg.Connection) -> None:
 
 
 async def test_host_can_insert_with_only_its_own_columns(con: asyncpg.Connection) -> None:
-    """Every worker-maintained column has a default: the host writes only CONTRACT §5 columns."""
+    """Every worker-maintained column has a default: the host writes only its own columns."""
     payment_id = await h.add_order_with_payment(con, "O-1", "ch_a")
     row = await con.fetchrow("select * from recon.payments where id = $1", payment_id)
     assert row is not None
@@ -105,7 +143,7 @@ async def test_host_can_insert_with_only_its_own_columns(con: asyncpg.Connection
 
 
 async def test_finance_views_have_exactly_the_contract_columns(con: asyncpg.Connection) -> None:
-    """Each finance view has the columns of CONTRACT §6, in that order."""
+    """Each finance view has the documented columns (docs/finance.md), in that order."""
     for view, columns in FINANCE_COLUMNS.items():
         rows = await con.fetch(
             "select column_name from information_schema.columns "
@@ -139,7 +177,7 @@ async def test_jpy_charge_shows_whole_yen_in_the_ledger(con: asyncpg.Connection)
     """A JPY 110000 charge is ¥110,000 in finance.ledger.amount_decimal, not ¥1,100."""
     await h.add_order_with_payment(con, "O-JP", "ch_jpy", amount=110000, currency="jpy")
     charge = b.charge(charge_id="ch_jpy", amount=110000, currency="jpy")
-    await h.apply(con, b.delivery(b.charge_event("charge.succeeded", charge)))
+    await h.apply(con, b.incoming(b.charge_event("charge.succeeded", charge)))
     row = await con.fetchrow("select amount, amount_decimal::text as d from finance.ledger")
     assert row is not None
     assert (row["amount"], row["d"]) == (110000, "110000")

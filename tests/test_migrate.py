@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 
 from tests import servers
-from worker import migrate
+from worker.ops import migrate
 
 
 async def _schema_fingerprint(url: str) -> list[tuple[str, str, str]]:

@@ -40,7 +40,7 @@ from tests.histories import deliveries, render_all
 from tests.histories import histories as history_strategy
 from tests.model import Charge, Expected, expected, ledger_differences
 from tests.stripe_events import TEST_SECRET
-from worker import topology
+from worker.amqp import topology
 from worker.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -99,10 +99,15 @@ async def worker_processes(s: Settings, count: int, log_dir: Path) -> AsyncItera
             log_path = log_dir / f"worker{n}.log"
             port_settings = replace(s, worker_http_port=free_port())
             with log_path.open("wb") as out:
-                procs.append(subprocess.Popen(  # noqa: ASYNC220 - start-up only, returns at once
-                    [sys.executable, "-P", "-m", "worker.cli", "worker"],  # -P: not the cwd's modules
-                    env=worker_env(port_settings), cwd=log_dir, stdout=out, stderr=subprocess.STDOUT,
-                ))
+                procs.append(
+                    subprocess.Popen(  # noqa: ASYNC220 - start-up only, returns at once
+                        [sys.executable, "-P", "-m", "worker.cli", "worker"],  # -P: not the cwd's modules
+                        env=worker_env(port_settings),
+                        cwd=log_dir,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
             logs.append(log_path)
         yield workers
     finally:
@@ -124,7 +129,7 @@ def _method(charge: Charge) -> str:
 
 
 async def seed_host_rows(database_url: str, history: list[Charge]) -> None:
-    """What the host app writes (CONTRACT §5): an order or invoice per charge, a payment if recorded."""
+    """What the host app writes (the host tables): an order or invoice per charge, a payment if recorded."""
     con = await asyncpg.connect(database_url)
     try:
         for c in history:
@@ -132,14 +137,20 @@ async def seed_host_rows(database_url: str, history: list[Charge]) -> None:
                 owner_id = await con.fetchval(
                     "insert into recon.orders (number, currency, amount_total, buyer_email, status)"
                     " values ($1, $2, $3, $4, $5) returning id",
-                    c.number, c.currency, c.amount, f"{c.number.lower()}@example.com",
+                    c.number,
+                    c.currency,
+                    c.amount,
+                    f"{c.number.lower()}@example.com",
                     "rejected" if c.rejected else "pending",
                 )
             else:
                 owner_id = await con.fetchval(
                     "insert into recon.invoices (number, currency, amount_total, bill_to)"
                     " values ($1, $2, $3, $4) returning id",
-                    c.number, c.currency, c.amount, f"{c.number.lower()}@example.com",
+                    c.number,
+                    c.currency,
+                    c.amount,
+                    f"{c.number.lower()}@example.com",
                 )
             if c.host_recorded:
                 await con.execute(
@@ -147,8 +158,11 @@ async def seed_host_rows(database_url: str, history: list[Charge]) -> None:
                     " invoice_id, method, currency, amount) values ($1, $2, $3, $4, $5, $6, $7)",
                     c.id if c.recorded == "charge" else None,
                     c.payment_intent if c.recorded == "payment_intent" else None,
-                    owner_id if c.owner == "order" else None, owner_id if c.owner == "invoice" else None,
-                    _method(c), c.currency, c.amount,
+                    owner_id if c.owner == "order" else None,
+                    owner_id if c.owner == "invoice" else None,
+                    _method(c),
+                    c.currency,
+                    c.amount,
                 )
     finally:
         await con.close()
@@ -161,16 +175,29 @@ async def read_outcome(database_url: str) -> dict[str, Any]:
     )
     return {
         "ledger": [tuple(r) for r in ledger],
-        "balances": {r["stripe_charge_id"]: dict(r) for r in await fetch(
-            database_url, "select * from finance.payment_balances")},
-        "owners": {r["number"]: (r["status"], r["disputed"]) for r in await fetch(
-            database_url, "select number, status, disputed from recon.orders union all "
-            "select number, payment_link_status, disputed from recon.invoices")},
+        "balances": {
+            r["stripe_charge_id"]: dict(r)
+            for r in await fetch(database_url, "select * from finance.payment_balances")
+        },
+        "owners": {
+            r["number"]: (r["status"], r["disputed"])
+            for r in await fetch(
+                database_url,
+                "select number, status, disputed from recon.orders union all "
+                "select number, payment_link_status, disputed from recon.invoices",
+            )
+        },
         "payments": await fetch(database_url, "select stripe_charge_id, method from recon.payments"),
-        "events": {r["stripe_event_id"]: r["outcome"] for r in await fetch(
-            database_url, "select stripe_event_id, outcome from finance.events")},
-        "exceptions": [tuple(r) for r in await fetch(
-            database_url, "select kind, stripe_event_id, stripe_object_id from finance.exceptions")],
+        "events": {
+            r["stripe_event_id"]: r["outcome"]
+            for r in await fetch(database_url, "select stripe_event_id, outcome from finance.events")
+        },
+        "exceptions": [
+            tuple(r)
+            for r in await fetch(
+                database_url, "select kind, stripe_event_id, stripe_object_id from finance.exceptions"
+            )
+        ],
     }
 
 
@@ -272,8 +299,10 @@ async def run_example(pg_template: str, history: list[Charge], delivered: list[d
 
                     try:
                         await wait_until(
-                            settled, timeout_s=UNMATCHED_RETRY_S + 40,
-                            interval_s=0.2, what="every event to reach a final outcome",
+                            settled,
+                            timeout_s=UNMATCHED_RETRY_S + 40,
+                            interval_s=0.2,
+                            what="every event to reach a final outcome",
                         )
                     except AssertionError as exc:
                         why = await unsettled(s.database_url, ids, Path(tmp))
@@ -316,11 +345,24 @@ def test_model_lets_a_failed_refund_net_to_zero_only_as_a_whole_pair() -> None:
     from tests.model import Authorise, RefundStep
 
     charge = Charge(
-        id="ch_1", payment_intent="pi_1", currency="eur", amount=1000, recorded="charge", owner="order",
-        number="ORD-1", rejected=False, card_present=False, era="new", announce_succeeded=True,
-        dispute_id="dp_1", dispute_reason="general", dispute_amount=1000,
+        id="ch_1",
+        payment_intent="pi_1",
+        currency="eur",
+        amount=1000,
+        recorded="charge",
+        owner="order",
+        number="ORD-1",
+        rejected=False,
+        card_present=False,
+        era="new",
+        announce_succeeded=True,
+        dispute_id="dp_1",
+        dispute_reason="general",
+        dispute_amount=1000,
         steps=(
-            Authorise(1, True), RefundStep(2, "re_1", 400, "pending"), RefundStep(3, "re_1", 400, "failed")
+            Authorise(1, True),
+            RefundStep(2, "re_1", 400, "pending"),
+            RefundStep(3, "re_1", 400, "failed"),
         ),
     )
     exp = expected([charge])

@@ -1,4 +1,4 @@
-"""The webhook receiver over real HTTP, real signatures and the real broker (CONTRACT §4)."""
+"""The webhook receiver over real HTTP, real signatures and the real broker: every answer it gives."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from tests.conftest import free_port
 from tests.harness import post_event, running, wait_until
 from tests.stripe_events import TEST_SECRET, encode, fixture, make_event, sign
 from tests.tcp_proxy import TcpProxy
-from worker import topology
-from worker.intake_broker import CONNECTOR_STOP_S, FIRST_CONNECT_WAIT_S
+from worker.amqp import topology
+from worker.intake.broker_link import CONNECTOR_STOP_S, FIRST_CONNECT_WAIT_S
 from worker.settings import Settings
 
 MAX_BODY_BYTES = 32 * 1024

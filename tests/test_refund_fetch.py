@@ -25,7 +25,7 @@ from aiohttp import web
 from tests import builders as b
 from tests import host_records as host
 from tests.harness import events_settled, fetch, post_event, running, wait_until
-from worker.refund_fetch import PAGE_SIZE
+from worker.consume.refund_fetch import PAGE_SIZE
 from worker.settings import Settings
 
 API_KEY = "sk_test_localstripe_recon"

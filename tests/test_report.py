@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from tests.harness import fetch
-from worker import report
+from worker.ops import report
 from worker.settings import Settings
 
 SINCE = datetime(2026, 3, 1, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""CONTRACT §7, one rule at a time, end to end: signed webhook → receiver → RabbitMQ → worker →
+"""The reconciliation rules, one at a time, end to end: signed webhook → receiver → RabbitMQ → worker →
 PostgreSQL → the finance views. Nothing is called directly: events are POSTed to the real
 receiver (``recon run`` in this loop, or a real ``recon worker`` process for the log rule) and
 the effects are read back from ``finance.*`` and the host app's tables.
@@ -29,7 +29,7 @@ from tests.histories import render_all
 from tests.model import Authorise, Capture, Charge, DisputeStep, RefundStep, Txn, expected, ledger_differences
 from tests.tcp_proxy import TcpProxy
 from tests.test_property import read_outcome, release_queues, seed_host_rows, worker_processes
-from worker import topology
+from worker.amqp import topology
 from worker.settings import Settings
 
 T = b.T0
@@ -40,6 +40,8 @@ async def _free_the_broker(settings: Settings) -> AsyncIterator[None]:
     """This test's quorum queues go when it ends, not with the vhost at the end of the session."""
     yield
     await release_queues(settings)
+
+
 OLD, NEW = b.OLD_API_VERSION, "2024-10-28.acacia"
 
 

@@ -1,4 +1,4 @@
-"""Settings come from the environment with CONTRACT §3 defaults; bad values are one-line errors."""
+"""Settings come from the environment with the documented defaults; bad values are one-line errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from worker.settings import Settings, SettingsError
 
 
 def test_defaults_match_the_contract() -> None:
-    """With nothing set, every default is the one CONTRACT §3 names."""
+    """With nothing set, every default is the documented one (docs/operations.md)."""
     s = Settings.from_env({})
     assert s.database_url == "postgresql://postgres@127.0.0.1:5432/recon"
     assert s.amqp_url == "amqp://guest:guest@127.0.0.1:5672/"

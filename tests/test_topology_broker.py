@@ -9,15 +9,17 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractRobustConnection
 
-from worker import broker, topology
+from worker.amqp import topology
+from worker.amqp.connection import connect, declare_topology, open_confirm_channel
+from worker.amqp.publisher import Publisher, PublishFailed, event_message
 from worker.events import HANDLED_TYPES
 from worker.settings import Settings
 
 
 @pytest_asyncio.fixture
 async def connection(settings: Settings) -> AsyncIterator[AbstractRobustConnection]:
-    connection = await broker.connect(settings.amqp_url)
-    await broker.declare_topology(connection, settings)
+    connection = await connect(settings.amqp_url)
+    await declare_topology(connection, settings)
     async with connection:
         yield connection
 
@@ -37,9 +39,9 @@ async def test_every_handled_type_routes_to_the_durable_quorum_work_queue(
     connection: AbstractRobustConnection, settings: Settings
 ) -> None:
     """A confirmed publish of each handled type is in recon.events, a durable quorum queue."""
-    publisher = broker.Publisher(await broker.open_confirm_channel(connection))
+    publisher = Publisher(await open_confirm_channel(connection))
     for n, event_type in enumerate(sorted(HANDLED_TYPES)):
-        await publisher.publish_event(broker.event_message(b"{}", f"evt_route{n}", event_type, 1))
+        await publisher.publish_event(event_message(b"{}", f"evt_route{n}", event_type, 1))
     assert await _work_queue_ids(connection) == [f"evt_route{n}" for n in range(len(HANDLED_TYPES))]
     # The broker itself says what the queue is: the same declaration as a classic queue is refused.
     classic = topology.work_queue(settings.max_attempts).arguments | {"x-queue-type": "classic"}
@@ -52,9 +54,9 @@ async def test_unroutable_publish_fails_instead_of_being_confirmed_into_nowhere(
     connection: AbstractRobustConnection,
 ) -> None:
     """mandatory + on_return_raises: an unbound type raises PublishFailed (the receiver's 503)."""
-    publisher = broker.Publisher(await broker.open_confirm_channel(connection))
-    with pytest.raises(broker.PublishFailed):
-        await publisher.publish_event(broker.event_message(b"{}", "evt_nowhere", "plan.created", 1))
+    publisher = Publisher(await open_confirm_channel(connection))
+    with pytest.raises(PublishFailed):
+        await publisher.publish_event(event_message(b"{}", "evt_nowhere", "plan.created", 1))
     assert await _work_queue_ids(connection) == []
 
 
@@ -62,15 +64,15 @@ async def test_declaring_the_topology_twice_is_harmless(
     connection: AbstractRobustConnection, settings: Settings
 ) -> None:
     """Receiver and worker both declare at start-up and after reconnects: the second declare is a no-op."""
-    await broker.declare_topology(connection, settings)
-    publisher = broker.Publisher(await broker.open_confirm_channel(connection))
-    await publisher.publish_event(broker.event_message(b"{}", "evt_twice", "refund.created", 1))
+    await declare_topology(connection, settings)
+    publisher = Publisher(await open_confirm_channel(connection))
+    await publisher.publish_event(event_message(b"{}", "evt_twice", "refund.created", 1))
     assert await _work_queue_ids(connection) == ["evt_twice"]
 
 
 async def test_event_message_is_persistent_and_carries_routing_facts() -> None:
     """The queued message is persistent, keyed by event id and type, with created and first-seen headers."""
-    message = broker.event_message(b'{"id":"evt_1"}', "evt_1", "charge.refunded", 1_700_000_000)
+    message = event_message(b'{"id":"evt_1"}', "evt_1", "charge.refunded", 1_700_000_000)
     assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert (message.message_id, message.type) == ("evt_1", "charge.refunded")
     assert message.headers[topology.HEADER_CREATED] == 1_700_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker import topology
+from worker.amqp import topology
 
 
 async def drain_work_queue(amqp_url: str) -> list[AbstractIncomingMessage]:

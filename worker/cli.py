@@ -1,4 +1,7 @@
-"""The ``recon`` console script (CONTRACT §2). Bad arguments or settings exit 2 with one line."""
+"""The ``recon`` console script: the one place that wires commands to the parts that run them.
+
+Bad arguments or settings exit 2 with one line; a server that cannot be reached exits 1.
+"""
 
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import migrate
+    from worker.ops import migrate
 
     async def _run() -> None:
         if args.create_db:
@@ -87,23 +90,23 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import deadletters
+    from worker.ops import dead_letter_replay
 
     if args.dead_command == "list":
-        return asyncio.run(deadletters.list_dead_letters(settings, as_json=args.json))
+        return asyncio.run(dead_letter_replay.list_dead_letters(settings, as_json=args.json))
     if bool(args.event_ids) == bool(args.all):
         raise SettingsError("dead-letters replay takes EVENT_ID... or --all, not both and not neither")
-    return asyncio.run(deadletters.replay(settings, args.event_ids, replay_all=args.all))
+    return asyncio.run(dead_letter_replay.replay(settings, args.event_ids, replay_all=args.all))
 
 
 def _backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import backfill
+    from worker.ops import backfill
 
     return asyncio.run(backfill.backfill(settings, since=args.since, until=args.until))
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import report
+    from worker.ops import report
 
     return asyncio.run(
         report.print_report(settings, since=args.since, currency=args.currency, fmt=args.format)
@@ -111,9 +114,9 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    from worker import demo
+    from worker.ops.demo.command import run_demo
 
-    return asyncio.run(demo.run_demo(settings, base_url=args.url))
+    return asyncio.run(run_demo(settings, base_url=args.url))
 
 
 # Imports stay inside each command: `recon migrate` must not pay for aiohttp, `recon report` for aio-pika.

@@ -28,11 +28,14 @@ def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> 
 
 
 class StdoutLogger:
-    """Writes each line to ``sys.stdout`` as it is *now*.
+    """Writes each line to ``sys.stdout`` as it is *now*; ``name`` is the module that logs.
 
     structlog's PrintLogger keeps the stream it was built with; a cached logger then outlives a
     swapped stdout (pytest's capture, a daemon's redirection) and writes to a closed file.
     """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     def msg(self, message: str) -> None:
         print(message, file=sys.stdout, flush=True)
@@ -46,8 +49,9 @@ def _orjson_text(obj: Any, **kwargs: Any) -> str:
     return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS, **kwargs).decode()
 
 
-def _stdout_logger(*_args: Any) -> StdoutLogger:
-    return StdoutLogger()
+def _stdout_logger(*args: Any) -> StdoutLogger:
+    """Every module logs through ``structlog.get_logger(__name__)``: the name is the first argument."""
+    return StdoutLogger(str(args[0]) if args else "recon")
 
 
 def configure_logging(log_format: str = "json", log_level: str = "info", cache_loggers: bool = False) -> None:
@@ -64,6 +68,7 @@ def configure_logging(log_format: str = "json", log_level: str = "info", cache_l
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -26,6 +26,9 @@ EVENTS_DEAD_LETTERED = Counter("recon_events_dead_lettered", "Events sent to the
 RECONCILE_SECONDS = Histogram(
     "recon_reconcile_seconds", "From delivery to commit of one event", buckets=_LATENCY_BUCKETS_S
 )
+DEAD_LETTERS_PARKED = Counter(
+    "recon_dead_letters_parked", "Dead letters the database refused, moved to recon.dead-letters.parked"
+)
 QUEUE_DEPTH = Gauge("recon_queue_depth", "Messages ready in a queue", ["queue"])
 CONSUMER_LAG_SECONDS = Gauge(
     "recon_consumer_lag_seconds", "Age (since first queued) of the last event the worker committed"

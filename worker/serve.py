@@ -2,7 +2,7 @@
 
 aiohttp's run_app owns the signals: on SIGTERM it stops accepting, lets in-flight requests
 finish, then runs the cleanup contexts in reverse (the consumer drains, the broker closes)
-and returns, so the process exits 0.
+and returns, so the process exits 0. All of it fits one budget (worker/shutdown.py).
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import asyncio
 
 from aiohttp import web
 
+from worker import shutdown
 from worker.settings import Settings
-
-SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
@@ -22,16 +21,17 @@ def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
 
     if mode in ("receiver", "run"):
         settings.require_webhook_secrets()
-        from worker.receiver import create_app
+        from worker.intake.receiver import create_app
 
         app = create_app(settings)
         port = settings.http_port
     else:
         app = web.Application()
+        shutdown.add_shutdown_deadline(app)
         add_health_routes(app)
         port = settings.worker_http_port
     if mode in ("worker", "run"):
-        from worker.consumer import consumer_ctx
+        from worker.consume.consumer import consumer_ctx
 
         app.cleanup_ctx.append(consumer_ctx(settings))
     return app, port
@@ -49,7 +49,7 @@ def serve(mode: str, settings: Settings) -> int:
         app,
         host=settings.http_host,
         port=port,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        shutdown_timeout=shutdown.REQUESTS_GRACE_S,
         access_log=None,  # the receiver logs one structured line per request itself
         print=None,
         reuse_port=True,  # several receiver processes may share one port (SO_REUSEPORT)

@@ -1,4 +1,4 @@
-"""Settings: one frozen dataclass built from the environment (CONTRACT §3)."""
+"""Settings: one frozen dataclass built from the environment (docs/operations.md, "Settings", lists them)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from worker.demo_events import (
+from worker.ops.demo.events import (
     DemoCharge,
     balance_transaction,
     charge_object,

@@ -16,21 +16,23 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from worker import broker
+from worker.amqp.connection import CONNECT_TIMEOUT_S, connect, declare_topology, open_confirm_channel
+from worker.amqp.publisher import PUBLISH_TIMEOUT_S, Outgoing, Publisher
 from worker.settings import Settings
+from worker.shutdown import Deadline
 
-log = structlog.get_logger("recon.receiver")
+log = structlog.get_logger(__name__)
 
 # A healthy broker answers in tens of milliseconds; a dead one must not delay start-up long.
 FIRST_CONNECT_WAIT_S = 5.0
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 10.0
 # Publishes still in flight at shutdown get this long to be confirmed before the connection
-# closes; a publish gives up on its own after broker.PUBLISH_TIMEOUT_S anyway.
-DRAIN_S = broker.PUBLISH_TIMEOUT_S + 1.0
+# closes; a publish gives up on its own after PUBLISH_TIMEOUT_S anyway.
+DRAIN_S = PUBLISH_TIMEOUT_S + 1.0
 CLOSE_TIMEOUT_S = 5.0
 # An attempt in progress ends by itself: handshake, then declarations, then a close if it failed.
-CONNECTOR_STOP_S = broker.CONNECT_TIMEOUT_S * 2 + CLOSE_TIMEOUT_S
+CONNECTOR_STOP_S = CONNECT_TIMEOUT_S * 2 + CLOSE_TIMEOUT_S
 
 _TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
 
@@ -44,7 +46,7 @@ class BrokerLink:
         self._settings = settings
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._publisher: broker.Publisher | None = None
+        self._publisher: Publisher | None = None
         self._connector: asyncio.Task[None] | None = None
         self._problem = "broker not connected yet"
         self._in_flight = 0
@@ -97,12 +99,12 @@ class BrokerLink:
             delay_s = min(delay_s * 2, RECONNECT_MAX_S)
 
     async def _connect(self) -> None:
-        # broker.connect bounds the handshake itself (broker.CONNECT_TIMEOUT_S), so an attempt ends.
-        connection = await broker.connect(self._settings.amqp_url)
+        # connect bounds the handshake itself (CONNECT_TIMEOUT_S), so an attempt ends.
+        connection = await connect(self._settings.amqp_url)
         try:
-            async with asyncio.timeout(broker.CONNECT_TIMEOUT_S):
-                await broker.declare_topology(connection, self._settings)
-                channel = await broker.open_confirm_channel(connection)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await declare_topology(connection, self._settings)
+                channel = await open_confirm_channel(connection)
         except BaseException:
             await self._close_connection(connection)
             raise
@@ -113,22 +115,25 @@ class BrokerLink:
         # publish unroutable: declare again after each reconnect (idempotent).
         connection.reconnect_callbacks.add(self._redeclare)
         self._connection, self._channel = connection, channel
-        self._publisher = broker.Publisher(channel)
+        self._publisher = Publisher(channel)
 
     @staticmethod
-    async def _close_connection(connection: AbstractRobustConnection) -> None:
+    async def _close_connection(
+        connection: AbstractRobustConnection, within_s: float = CLOSE_TIMEOUT_S
+    ) -> None:
+        timeout_s = min(CLOSE_TIMEOUT_S, within_s)
         try:
             # A broker that stopped answering would never send Close-Ok: SIGTERM must not hang.
-            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 await connection.close()
         except TimeoutError:
-            log.warning("broker_close_timed_out", after_s=CLOSE_TIMEOUT_S)
+            log.warning("broker_close_timed_out", after_s=timeout_s)
 
     async def _redeclare(self, _sender: Any) -> None:
         if self._connection is None:
             return
         try:
-            await broker.declare_topology(self._connection, self._settings)
+            await declare_topology(self._connection, self._settings)
         except (*_TRANSIENT, aio_pika.exceptions.AMQPError) as exc:
             log.error("broker_redeclare_failed", error=type(exc).__name__)
 
@@ -140,8 +145,8 @@ class BrokerLink:
             return "broker connection lost, reconnecting"
         return None
 
-    async def publish(self, message: broker.Outgoing) -> None:
-        """Returns once the broker confirmed; raises BrokerUnavailable or broker.PublishFailed."""
+    async def publish(self, message: Outgoing) -> None:
+        """Returns once the broker confirmed; raises BrokerUnavailable or PublishFailed."""
         reason = self.not_ready_reason()
         if reason is not None or self._publisher is None:
             raise BrokerUnavailable(reason or self._problem)
@@ -154,19 +159,22 @@ class BrokerLink:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def close(self) -> None:
-        """Stop connecting, let in-flight publishes be confirmed (bounded), then close the connection."""
+    async def close(self, deadline: Deadline) -> None:
+        """Stop connecting, let in-flight publishes be confirmed, then close the connection: each
+        step bounded by its own limit and by what the shutdown deadline leaves."""
         self._closing.set()
         if self._connector is not None:
-            done, _ = await asyncio.wait({self._connector}, timeout=CONNECTOR_STOP_S)
+            done, _ = await asyncio.wait(
+                {self._connector}, timeout=min(CONNECTOR_STOP_S, deadline.remaining())
+            )
             if not done:
                 self._connector.cancel()
             # Also collects a fatal topology error the task may have ended with.
             await asyncio.gather(self._connector, return_exceptions=True)
         try:
-            async with asyncio.timeout(DRAIN_S):
+            async with asyncio.timeout(min(DRAIN_S, deadline.remaining())):
                 await self._idle.wait()
         except TimeoutError:
             log.warning("broker_close_with_publishes_in_flight", in_flight=self._in_flight)
         if self._connection is not None:
-            await self._close_connection(self._connection)
+            await self._close_connection(self._connection, deadline.remaining())

@@ -18,8 +18,8 @@ import aiohttp
 import asyncpg
 import stripe
 
-from worker.demo_story import Owner, Scenario, Send, build_story
-from worker.report_render import Column, Section, as_table
+from worker.ops.demo.story import Owner, Scenario, Send, build_story
+from worker.ops.report_render import Column, Section, as_table
 from worker.settings import Settings, SettingsError
 
 DEADLINE_S = 45.0  # the whole demo, sending and waiting

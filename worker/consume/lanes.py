@@ -3,10 +3,11 @@
 Events of one charge always go to the same lane (by a hash of the charge id), so two lanes never
 wait on each other's payment row locks, and a charge's events apply in the order they arrived.
 Batches form by themselves: whatever arrived while the previous batch ran, and while the lane
-lingers after the first message, is the next batch (up to ``max_batch``). The lane lingers
-LINGER_S, and again as long as each step brought more messages, up to LINGER_MAX_S: a lone event
-waits one step, a stream from a busy receiver fills larger batches, a backlog never waits. A
-batch's fixed round trips (begin, claims, locks, writes, commit) are then shared by more events.
+lingers after the first message, is the next batch (up to ``max_batch``). The lane lingers one
+step, and again as long as each step brought more messages, up to a maximum (``Linger``): a lone
+event waits one step, a stream from a busy receiver fills larger batches, a backlog never waits.
+A batch's fixed round trips (begin, claims, locks, writes, commit) are then shared by more events.
+docs/performance.md has what the steps were measured to do.
 """
 
 from __future__ import annotations
@@ -14,28 +15,33 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import structlog
 
-log = structlog.get_logger("worker.consumer")
-
-# One step of 10 ms cut the lag at 1,000 webhooks/s through `recon run` from p99 1.1 s to 0.28 s
-# and the process's CPU per event by 7% (bench/reconcile.py). Lingering on while the stream keeps
-# coming grew the batches at 800-1,500/s from 13-16 events to 32-38 and cut the machine's CPU per
-# webhook by ~20% (PostgreSQL's by ~38%): p99 at 800/s 0.38 and 1.6 s against 2.7 and 2.1 s.
-LINGER_S = 0.010
-LINGER_MAX_S = 0.050
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 BatchRun = Callable[[Sequence[T]], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class Linger:
+    """How long a lane waits for its batch to fill: ``step_s`` at a time while the stream keeps
+    coming, ``max_s`` at most. ``sleep`` is how it waits; tests pass a deterministic one."""
+
+    step_s: float = 0.010
+    max_s: float = 0.050
+    sleep: Callable[[float], Awaitable[None]] = field(default=asyncio.sleep, compare=False)
+
+
 class Lane(Generic[T]):
-    def __init__(self, name: str, run_batch: BatchRun[T], max_batch: int) -> None:
+    def __init__(self, name: str, run_batch: BatchRun[T], max_batch: int, linger: Linger) -> None:
         self.name = name
         self._run_batch = run_batch
         self._max_batch = max_batch
+        self._linger_for = linger
         self._queue: asyncio.Queue[T] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -64,13 +70,14 @@ class Lane(Generic[T]):
                     self._queue.task_done()
 
     async def _linger(self) -> None:
-        """Let a stream fill the batch: LINGER_S at a time while it keeps growing, up to LINGER_MAX_S.
+        """Let a stream fill the batch: a step at a time while it keeps growing, up to the maximum.
 
         A lone event waits one step; a backlog that already fills a batch waits none."""
+        linger = self._linger_for
         waited_s, seen = 0.0, self._queue.qsize()
-        while seen < self._max_batch - 1 and waited_s < LINGER_MAX_S:
-            await asyncio.sleep(LINGER_S)
-            waited_s += LINGER_S
+        while seen < self._max_batch - 1 and waited_s < linger.max_s:
+            await linger.sleep(linger.step_s)
+            waited_s += linger.step_s
             if self._queue.qsize() == seen:  # only this lane takes from its queue: it never shrinks here
                 return
             seen = self._queue.qsize()
@@ -90,8 +97,8 @@ class Lane(Generic[T]):
 class Lanes(Generic[T]):
     """K lanes; ``route(key, item)`` sends an item to the lane of its key."""
 
-    def __init__(self, name: str, count: int, run_batch: BatchRun[T], max_batch: int) -> None:
-        self.lanes = [Lane(f"{name}-{i}", run_batch, max_batch) for i in range(count)]
+    def __init__(self, name: str, count: int, run_batch: BatchRun[T], max_batch: int, linger: Linger) -> None:
+        self.lanes = [Lane(f"{name}-{i}", run_batch, max_batch, linger) for i in range(count)]
 
     def start(self) -> None:
         for lane in self.lanes:
@@ -105,13 +112,9 @@ class Lanes(Generic[T]):
     def backlog(self) -> int:
         return sum(lane.backlog for lane in self.lanes)
 
-    async def drain(self, timeout_s: float) -> bool:
-        """True if every lane emptied within ``timeout_s``."""
-        try:
-            await asyncio.wait_for(asyncio.gather(*(lane.drain() for lane in self.lanes)), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+    async def drain(self) -> None:
+        """Return once every lane has run everything handed to it (the caller bounds the wait)."""
+        await asyncio.gather(*(lane.drain() for lane in self.lanes))
 
     async def stop(self) -> None:
         await asyncio.gather(*(lane.stop() for lane in self.lanes))

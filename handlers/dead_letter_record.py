@@ -1,17 +1,18 @@
-"""Recording a message that reached the dead-letter queue (rule 8)."""
+"""Recording, in the database, a message that reached the dead-letter queue.
+
+The runtime's drain (worker/consume/dead_letter_drain.py) takes it off the queue and hands it over
+as a ``DeadLetter``; ``recon dead-letters replay`` (worker/ops/dead_letter_replay.py) re-queues
+what is kept here.
+"""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
-
 import asyncpg
 
-from handlers import DeadLetter
 from handlers.audit import audit
 from handlers.finance_exceptions import raise_exception
 from handlers.inbox import EFFECT_FINAL
-from handlers.payloads import stripe_id, timestamp
+from handlers.interface import DeadLetter
 
 _KEEP_BODY = """
 insert into recon.dead_letters
@@ -43,33 +44,31 @@ select (select outcome from old) as prior_outcome
 """
 
 
-def _body_facts(dead: DeadLetter) -> tuple[datetime, str | None]:
-    """The event's created time and object id; for a body that is not even an event, when it was
-    first seen and no object."""
-    try:
-        event = json.loads(dead.body)
-        return timestamp(int(event["created"])), stripe_id(event["data"]["object"].get("id"))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
-        return dead.first_seen_at, None
-
-
 async def record_dead_letter(con: asyncpg.Connection, dead: DeadLetter) -> None:
     """Keep the raw body for replay; mark the inbox; raise a dead_lettered exception and audit it."""
     await con.execute(
-        _KEEP_BODY, dead.event_id, dead.event_type, dead.body, dead.error, dead.attempts,
+        _KEEP_BODY,
+        dead.event_id,
+        dead.event_type,
+        dead.body,
+        dead.error,
+        dead.attempts,
         dead.first_seen_at,
     )
-    created, object_id = _body_facts(dead)
+    # A body that is not even an event is dated when it was first seen, and has no object.
+    created, object_id = dead.created or dead.first_seen_at, dead.object_id
     prior = await con.fetchval(
-        _MARK_INBOX, dead.event_id, dead.event_type, created, dead.first_seen_at,
-        dead.attempts, dead.error, list(EFFECT_FINAL),
+        _MARK_INBOX,
+        dead.event_id,
+        dead.event_type,
+        created,
+        dead.first_seen_at,
+        dead.attempts,
+        dead.error,
+        list(EFFECT_FINAL),
     )
     if prior in EFFECT_FINAL or prior == "dead_lettered":
         return  # already final, or already counted as dead-lettered: no second exception
     detail = {"event_type": dead.event_type, "error": dead.error, "attempts": dead.attempts}
-    await raise_exception(
-        con, "dead_lettered", event_id=dead.event_id, object_id=object_id, detail=detail
-    )
-    await audit(
-        con, "event_dead_lettered", event_id=dead.event_id, object_id=object_id, detail=detail
-    )
+    await raise_exception(con, "dead_lettered", event_id=dead.event_id, object_id=object_id, detail=detail)
+    await audit(con, "event_dead_lettered", event_id=dead.event_id, object_id=object_id, detail=detail)

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.report_render import Column, Section, as_csv, as_json, as_table
+from worker.ops.report_render import Column, Section, as_csv, as_json, as_table
 from worker.settings import Settings
 
 # Signed sums per kind, exactly as booked; a day and currency with no movement of some kind

@@ -4,6 +4,7 @@ Path of a message:
   stripe.events (topic, key = event type) ──▶ recon.events (quorum work queue)
   worker defers  ──▶ recon.retry.<delay> (classic, TTL) ──dead-letters back──▶ recon.events
   worker gives up ──▶ recon.dead (fanout) ──▶ recon.dead-letters
+  a dead letter the database refuses to record ──▶ recon.dead-letters.parked (for an operator)
   a message redelivered x-delivery-limit times (a crash loop) is dead-lettered by RabbitMQ
   itself into recon.dead, at-least-once.
 deploy/rabbitmq/definitions.json is generated from ``definitions()``; a test keeps them equal.
@@ -24,6 +25,7 @@ EVENTS_EXCHANGE = "stripe.events"
 WORK_QUEUE = "recon.events"
 DEAD_EXCHANGE = "recon.dead"
 DEAD_QUEUE = "recon.dead-letters"
+PARKED_QUEUE = "recon.dead-letters.parked"
 RETRY_QUEUE_PREFIX = "recon.retry."
 
 HEADER_CREATED = "stripe-created"
@@ -31,6 +33,7 @@ HEADER_ATTEMPT = "x-recon-attempt"  # 1 on first delivery, +1 per deferral or fa
 HEADER_FAILURES = "x-recon-failures"  # failed attempts only: RECON_MAX_ATTEMPTS bounds these
 HEADER_FIRST_SEEN_MS = "x-recon-first-seen-ms"
 HEADER_ERROR = "x-recon-error"  # last error, on dead-lettered messages
+HEADER_PARK_ERROR = "x-recon-park-error"  # why a dead letter could not be recorded, on parked ones
 
 
 def retry_queue_name(delay_s: float) -> str:
@@ -85,6 +88,11 @@ def dead_queue() -> QueueSpec:
     return QueueSpec(DEAD_QUEUE, {"x-queue-type": "quorum"})
 
 
+def parked_queue() -> QueueSpec:
+    """Nothing consumes it: an operator reads it (its depth is a metric) and moves messages back."""
+    return QueueSpec(PARKED_QUEUE, {"x-queue-type": "quorum"})
+
+
 async def declare(channel: AbstractChannel, max_attempts: int, retry_delays_s: tuple[float, ...]) -> None:
     """Idempotent; called by receiver and worker start-up. Argument drift fails with PRECONDITION_FAILED."""
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -98,6 +106,8 @@ async def declare(channel: AbstractChannel, max_attempts: int, retry_delays_s: t
     dlq = dead_queue()
     dead_letters = await channel.declare_queue(dlq.name, durable=True, arguments=dlq.arguments)
     await dead_letters.bind(dead, routing_key="")
+    parked = parked_queue()
+    await channel.declare_queue(parked.name, durable=True, arguments=parked.arguments)
 
 
 def definitions(
@@ -105,7 +115,7 @@ def definitions(
 ) -> dict[str, Any]:
     """RabbitMQ definitions (the management import format) for the default settings."""
     vhost = "/"
-    queues = [work_queue(max_attempts), *retry_queues(retry_delays_s), dead_queue()]
+    queues = [work_queue(max_attempts), *retry_queues(retry_delays_s), dead_queue(), parked_queue()]
     return {
         "exchanges": [
             {

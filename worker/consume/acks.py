@@ -17,8 +17,7 @@ import bisect
 import collections
 from typing import Any
 
-from worker.deliveries import Delivery
-from worker.verdicts import finish_message
+from worker.amqp.delivery import Delivery
 
 DEFAULT_MAX_HELD = 100
 
@@ -50,22 +49,22 @@ class AckWindow:
         carrier = self._advance()
         acked = True
         if carrier is not None:
-            acked = await finish_message(carrier, multiple=True)
+            acked = await carrier.ack(multiple=True)
         for message in messages:
             tag = _tag(message)
             if tag in self._finished and tag not in self._settled and self.held > self._max_held:
                 self._settled.add(tag)
-                acked = await finish_message(message) and acked
+                acked = await message.ack() and acked
         return acked
 
     async def nack(self, message: Delivery) -> bool:
         """Requeue ``message`` now; it counts as finished for the acks held behind it."""
         self._finished[_tag(message)] = message
         self._settled.add(_tag(message))
-        requeued = await finish_message(message, requeue=True)
+        requeued = await message.nack(requeue=True)
         carrier = self._advance()
         if carrier is not None:
-            await finish_message(carrier, multiple=True)
+            await carrier.ack(multiple=True)
         return requeued
 
     def _advance(self) -> Delivery | None:
@@ -83,7 +82,6 @@ class AckWindow:
 
 
 def _tag(message: Delivery) -> int:
-    assert message.delivery_tag is not None
     return message.delivery_tag
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,10 +22,18 @@ from tenacity import (
     wait_exponential,
 )
 
-TRY_TIMEOUT_S = 4.0
-MAX_TRIES = 3
-GIVE_UP_AFTER_S = 8.0
 PAGE_SIZE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class FetchTimings:
+    """Each try gives up after ``try_timeout_s``; at most ``max_tries`` tries and ``give_up_after_s``
+    in all (the design's bound is 5 s a try: a lane waits for it)."""
+
+    try_timeout_s: float = 4.0
+    max_tries: int = 3
+    give_up_after_s: float = 8.0
+
 
 RefundFetcher = Callable[[str], Awaitable[list[dict[str, Any]]]]
 """charge id -> every refund of that charge as plain dicts (Stripe's JSON shape); raises RefundFetchFailed."""
@@ -42,8 +51,11 @@ _TRANSIENT = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError,
 class StripeRefunds:
     """A ``RefundFetcher`` over the official client's async API (aiohttp transport)."""
 
-    def __init__(self, api_key: str, api_base: str | None = None) -> None:
-        self._http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=TRY_TIMEOUT_S))
+    def __init__(
+        self, api_key: str, api_base: str | None = None, timings: FetchTimings = FetchTimings()
+    ) -> None:
+        self._timings = timings
+        self._http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timings.try_timeout_s))
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else None,
@@ -52,19 +64,20 @@ class StripeRefunds:
         )
 
     async def __call__(self, charge_id: str) -> list[dict[str, Any]]:
+        timings = self._timings
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(_TRANSIENT),
-                stop=stop_after_attempt(MAX_TRIES) | stop_after_delay(GIVE_UP_AFTER_S),
+                stop=stop_after_attempt(timings.max_tries) | stop_after_delay(timings.give_up_after_s),
                 wait=wait_exponential(multiplier=0.2, max=1.0),
                 reraise=True,
             ):
                 with attempt:
-                    return await asyncio.wait_for(self._all_pages(charge_id), TRY_TIMEOUT_S)
+                    return await asyncio.wait_for(self._all_pages(charge_id), timings.try_timeout_s)
         except (TimeoutError, stripe.StripeError) as exc:
             # str(StripeError) is Stripe's message; it never contains the key.
             raise RefundFetchFailed(f"{type(exc).__name__}: {exc}".splitlines()[0][:200]) from exc
-        raise AssertionError("unreachable: tenacity either returned or re-raised")
+        raise RefundFetchFailed("tenacity neither returned nor re-raised")
 
     async def _all_pages(self, charge_id: str) -> list[dict[str, Any]]:
         first = await self._client.v1.refunds.list_async(params={"charge": charge_id, "limit": PAGE_SIZE})

@@ -1,48 +1,26 @@
-"""The AMQP connection and the one way we publish: persistent, mandatory, confirmed."""
+"""The one way we publish: persistent, mandatory, confirmed by the broker before we go on."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
 from pamqp import commands as spec
 
-from worker import topology
+from worker.amqp import connection, topology
 from worker.settings import Settings
 
 PUBLISH_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 10.0
 
 
 class PublishFailed(Exception):
     """The broker did not confirm the message (down, nack, unroutable or timeout): not durable."""
-
-
-async def connect(amqp_url: str) -> AbstractRobustConnection:
-    """A robust connection: it reconnects by itself and restores channels after a broker restart."""
-    # The timeout bounds the TCP connect and the AMQP handshake of this attempt and of every later
-    # reconnect: a broker that accepts TCP but never answers would otherwise hang them for good.
-    return await aio_pika.connect_robust(
-        amqp_url, timeout=CONNECT_TIMEOUT_S, client_properties={"connection_name": "stripe-recon"}
-    )
-
-
-async def open_confirm_channel(connection: AbstractRobustConnection) -> AbstractChannel:
-    # on_return_raises: an unroutable mandatory publish must fail, not be confirmed into nowhere.
-    return await connection.channel(publisher_confirms=True, on_return_raises=True)
-
-
-async def declare_topology(connection: AbstractRobustConnection, settings: Settings) -> None:
-    channel = await connection.channel()
-    try:
-        await topology.declare(channel, settings.max_attempts, settings.retry_delays_s)
-    finally:
-        await channel.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +123,19 @@ class Publisher:
             raise PublishFailed(type(exc).__name__) from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishFailed(f"broker answered {type(confirmation).__name__}")
+
+
+@asynccontextmanager
+async def publisher_session(settings: Settings) -> AsyncIterator[Publisher]:
+    """A confirmed publisher for the one-shot operator commands (dead-letters replay, backfill).
+
+    They publish exactly as the receiver does: the topology declared first (so a command run
+    before any receiver still has a queue to route to, and argument drift fails loudly), one
+    confirm channel, and ``Publisher`` for every message.
+    """
+    link = await connection.connect(settings.amqp_url)
+    try:
+        await connection.declare_topology(link, settings)
+        yield Publisher(await connection.open_confirm_channel(link))
+    finally:
+        await link.close()

@@ -18,10 +18,10 @@ from typing import Any
 
 import asyncpg
 
-from worker import broker, topology
-from worker.publisher_session import publisher_session
+from worker.amqp import topology
+from worker.amqp.publisher import Outgoing, PublishFailed, event_message, publisher_session
+from worker.ops.text_table import render_table
 from worker.settings import Settings
-from worker.text_table import render_table
 
 EXIT_USAGE = 2
 ERROR_CELL_CHARS = 60
@@ -118,9 +118,9 @@ def _created_of(body: bytes) -> int:
     return created if isinstance(created, int) else 0
 
 
-def replay_message(letter: StoredDeadLetter) -> broker.Outgoing:
+def replay_message(letter: StoredDeadLetter) -> Outgoing:
     """The stored raw body as a fresh delivery: attempt 1, no failures, first seen now."""
-    return broker.event_message(
+    return event_message(
         letter.body,
         letter.event_id,
         letter.event_type,
@@ -139,9 +139,9 @@ async def _publish_all(settings: Settings, letters: list[StoredDeadLetter]) -> l
 
         results = await asyncio.gather(*(one(letter) for letter in letters), return_exceptions=True)
     confirmed: list[str] = []
-    failed: dict[str, broker.PublishFailed] = {}
+    failed: dict[str, PublishFailed] = {}
     for letter, result in zip(letters, results, strict=True):
-        if isinstance(result, broker.PublishFailed):
+        if isinstance(result, PublishFailed):
             failed[letter.event_id] = result
         elif isinstance(result, BaseException):
             raise result

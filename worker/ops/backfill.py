@@ -21,10 +21,8 @@ import aiohttp
 import asyncpg
 import stripe
 
-from worker import broker
-from worker.events import HANDLED_TYPES
-from worker.intake_verify import WebhookRejected, parse_event
-from worker.publisher_session import publisher_session
+from worker.amqp.publisher import Publisher, PublishFailed, event_message, publisher_session
+from worker.events import HANDLED_TYPES, NotAnEvent, parse_event
 from worker.settings import Settings, SettingsError
 
 PAGE_LIMIT = 100  # Stripe's maximum page size
@@ -91,23 +89,21 @@ def _queueable(events: list[dict[str, Any]], livemode: bool | None) -> list[List
         body = json.dumps(event, separators=(",", ":")).encode()
         try:
             parse_event(body, livemode)
-        except WebhookRejected:
+        except NotAnEvent:
             continue
         if event["type"] in HANDLED_TYPES:
             good.append(ListedEvent(event, body))
     return good
 
 
-async def _queue(publisher: broker.Publisher, listed: ListedEvent) -> None:
+async def _queue(publisher: Publisher, listed: ListedEvent) -> None:
     event = listed.event
-    await publisher.publish_event(
-        broker.event_message(listed.body, event["id"], event["type"], event["created"])
-    )
+    await publisher.publish_event(event_message(listed.body, event["id"], event["type"], event["created"]))
 
 
 async def _queue_page(
     con: asyncpg.Connection,
-    publisher: broker.Publisher,
+    publisher: Publisher,
     page: list[dict[str, Any]],
     livemode: bool | None,
     counts: BackfillCounts,
@@ -152,7 +148,7 @@ async def backfill(settings: Settings, *, since: datetime, until: datetime | Non
         status = f" (HTTP {exc.http_status})" if exc.http_status else ""
         print(f"recon: error: Stripe API: {type(exc).__name__}{status}; {counts.line()}", file=sys.stderr)
         return 1
-    except broker.PublishFailed as exc:
+    except PublishFailed as exc:
         print(f"recon: error: broker did not confirm a publish ({exc}); {counts.line()}", file=sys.stderr)
         return 1
     print(counts.line())

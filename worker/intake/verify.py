@@ -1,28 +1,24 @@
-"""Is this POST a genuine Stripe event for us? A pure function raising one specific error.
+"""Is this POST a genuine Stripe event for us? One function that raises one specific error.
 
-Order matters: nothing about the body is trusted (or parsed as JSON) before its signature
-verified, and a rejection names one stable reason code that also labels the rejected metric.
+It reads nothing but the body, the header and the clock (for the signature's age). Order matters:
+nothing about the body is trusted (or parsed as JSON) before its signature verified, and a
+rejection names one stable reason code that also labels the rejected metric.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 import stripe
 
-from worker.events import NotAnEvent, check_envelope
+from worker.events import INVALID_JSON, NOT_AN_EVENT, WRONG_LIVEMODE, NotAnEvent, parse_event
 
 MISSING_SIGNATURE = "missing_signature"
 MALFORMED_SIGNATURE = "malformed_signature"
 INVALID_SIGNATURE = "invalid_signature"
 TIMESTAMP_OUT_OF_TOLERANCE = "timestamp_out_of_tolerance"
 NOT_UTF8 = "not_utf8"
-INVALID_JSON = "invalid_json"
-NOT_AN_EVENT = "not_an_event"
-WRONG_LIVEMODE = "wrong_livemode"
 # Rejections that happen after the signature verified (the sender holds a secret).
 AFTER_SIGNATURE = frozenset({INVALID_JSON, NOT_AN_EVENT, WRONG_LIVEMODE})
 
@@ -94,24 +90,6 @@ def check_signature(payload: str, header: str, secrets: tuple[str, ...], toleran
     raise WebhookRejected(INVALID_SIGNATURE, "no configured secret verifies the signature")
 
 
-def parse_event(body: bytes, livemode: bool | None) -> dict[str, Any]:
-    """The JSON envelope of a verified body; raises WebhookRejected for anything else."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise WebhookRejected(INVALID_JSON, "body is not JSON") from None
-    try:
-        event = check_envelope(parsed)
-    except NotAnEvent as exc:
-        raise WebhookRejected(NOT_AN_EVENT, str(exc)) from None
-    if livemode is not None and event.get("livemode") is not livemode:
-        expected = "live" if livemode else "test"
-        raise WebhookRejected(
-            WRONG_LIVEMODE, f"this endpoint accepts {expected}-mode events only", event["id"], event["type"]
-        )
-    return event
-
-
 def verify_webhook(
     body: bytes, header: str | None, secrets: tuple[str, ...], tolerance_s: int, livemode: bool | None
 ) -> VerifiedEvent:
@@ -125,5 +103,8 @@ def verify_webhook(
     except UnicodeDecodeError:
         raise WebhookRejected(NOT_UTF8, "body is not UTF-8") from None
     check_signature(payload, header, secrets, tolerance_s)
-    event = parse_event(body, livemode)
+    try:
+        event = parse_event(body, livemode)
+    except NotAnEvent as exc:
+        raise WebhookRejected(exc.reason, exc.detail, exc.event_id, exc.event_type) from None
     return VerifiedEvent(body=body, event_id=event["id"], event_type=event["type"], created=event["created"])

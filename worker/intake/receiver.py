@@ -1,8 +1,8 @@
-"""The webhook receiver: POST /webhooks/stripe → verified → durably queued → 200 (CONTRACT §4).
+"""The webhook receiver: POST /webhooks/stripe → verified → durably queued → 200.
 
 The route never opens the database and never calls Stripe: it checks the size, the signature
-and the envelope (worker.intake_verify), publishes the exact raw bytes with a publisher
-confirm (worker.intake_broker) and only then answers 200, so a 2xx always means "queued".
+and the envelope (worker/intake/verify.py), publishes the exact raw bytes with a publisher
+confirm (worker/intake/broker_link.py) and only then answers 200, so a 2xx always means "queued".
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ import structlog
 from aiohttp import web
 
 from worker import metrics
-from worker.broker import PublishFailed, event_message
+from worker.amqp.publisher import PublishFailed, event_message
 from worker.events import HANDLED_TYPES
 from worker.health import READINESS_CHECKS, add_health_routes
-from worker.intake_broker import BrokerLink, BrokerUnavailable
-from worker.intake_verify import AFTER_SIGNATURE, VerifiedEvent, WebhookRejected, verify_webhook
+from worker.intake.broker_link import BrokerLink, BrokerUnavailable
+from worker.intake.verify import AFTER_SIGNATURE, VerifiedEvent, WebhookRejected, verify_webhook
 from worker.settings import Settings
+from worker.shutdown import SHUTDOWN, add_shutdown_deadline
 
 WEBHOOK_PATH = "/webhooks/stripe"
 SIGNATURE_HEADER = "Stripe-Signature"
@@ -37,7 +38,7 @@ BROKER_LINK = web.AppKey("broker_link", BrokerLink)
 _RECEIVED = b'{"received":true}'
 _IGNORED = b'{"received":true,"ignored":true}'
 
-log = structlog.get_logger("recon.receiver")
+log = structlog.get_logger(__name__)
 
 
 class BodyTooLarge(Exception):
@@ -150,9 +151,11 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     link = app[BROKER_LINK]
     await link.start()
     yield
-    # aiohttp runs this after the server stopped accepting and in-flight requests had
-    # their shutdown timeout; close() still waits for unconfirmed publishes.
-    await link.close()
+    # aiohttp runs this after the server stopped accepting and in-flight requests had their
+    # grace; close() still waits for unconfirmed publishes, within the shutdown deadline.
+    deadline = app[SHUTDOWN]
+    deadline.start()
+    await link.close(deadline)
 
 
 def _broker_readiness(link: BrokerLink) -> Callable[[], Awaitable[str | None]]:
@@ -169,6 +172,7 @@ def create_app(settings: Settings) -> web.Application:
     app[RECEIVER_SETTINGS] = settings
     # Created here, connected in _broker_ctx: the app's state is complete before it starts.
     app[BROKER_LINK] = BrokerLink(settings)
+    add_shutdown_deadline(app)
     add_health_routes(app)
     app[READINESS_CHECKS].append(_broker_readiness(app[BROKER_LINK]))
     app.cleanup_ctx.append(_broker_ctx)

@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from worker.text_table import render_table
+from worker.ops.text_table import render_table
 
 ColumnKind = Literal["text", "money", "count", "moment", "day", "flag"]
 

@@ -1,0 +1,76 @@
+"""Consuming a queue from aiormq's channel under aio-pika's robust one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+import structlog
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+
+from worker.amqp.delivery import Delivery
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One consumer of a queue, taken from aiormq under aio-pika's robust channel.
+
+    ``Queue.consume`` would wrap every delivery in an ``IncomingMessage`` and a second task
+    (``Delivery`` says what that costs); here the callback gets a ``Delivery`` from
+    aiormq's own task. aio-pika restores the channel, its QoS and the passive queue declaration
+    after a reconnect; ``reopen_callbacks`` then consumes again on the new channel. A consumer the
+    broker cancels (its queue deleted) is not taken up again: /readyz says so until a restart.
+    """
+
+    channel: AbstractRobustChannel
+    queue_name: str
+    callback: Callable[[Delivery], Awaitable[None]]
+    tag: str | None = None
+    cancelled_by_broker: bool = False
+
+    async def start(self) -> None:
+        self.channel.reopen_callbacks.add(self._consume)
+        await self._consume()
+
+    async def _consume(self, *_reopened_channel: Any) -> None:
+        underlay = await self.channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
+        consume_ok = await underlay.basic_consume(self.queue_name, self._deliver)
+        self.tag = consume_ok.consumer_tag
+        self.cancelled_by_broker = False
+
+    async def _deliver(self, delivered: DeliveredMessage) -> None:
+        await self.callback(Delivery(delivered))
+
+    def _on_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self.tag:
+            self.cancelled_by_broker = True
+            log.error("consumer_cancelled_by_broker", queue=self.queue_name)
+
+    async def cancel(self, timeout_s: float) -> None:
+        """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
+        self.channel.reopen_callbacks.discard(self._consume)
+        if self.tag is not None and not self.channel.is_closed:
+            underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
+            await underlay.basic_cancel(self.tag, timeout=timeout_s)
+
+
+async def subscribe(
+    connection: AbstractRobustConnection,
+    queue_name: str,
+    prefetch: int,
+    callback: Callable[[Delivery], Awaitable[None]],
+) -> Subscription:
+    channel = connection.channel()
+    await channel.initialize()
+    await channel.set_qos(prefetch_count=prefetch)
+    await channel.get_queue(queue_name, ensure=True)  # restored (passively) after a reconnect
+    subscription = Subscription(channel, queue_name, callback)
+    await subscription.start()
+    return subscription

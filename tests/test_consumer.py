@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import aio_pika
@@ -437,3 +438,42 @@ async def _has(settings: Settings, event_id: str) -> bool:
 
 async def _startswith(check: Any, prefix: str) -> bool:
     return str(await check).startswith(prefix)
+
+
+async def test_a_dead_letter_the_database_refuses_is_parked_after_bounded_tries(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """Recording a dead letter that fails with an error that is not an outage is tried
+    record_tries times, then the message moves to recon.dead-letters.parked with the error and
+    leaves the dead-letter queue: not lost, not requeued forever."""
+    from prometheus_client import REGISTRY
+
+    from worker.amqp.publisher import event_message
+    from worker.consume.dead_letter_drain import DrainTimings
+
+    tries: list[str] = []
+
+    async def refuse(_con: Any, dead_letter: Any) -> None:
+        tries.append(dead_letter.event_id)
+        raise ValueError("value too long for type character varying(8)")
+
+    rules = dataclasses.replace(fake.rules(), record_dead_letter=refuse)
+    timings = ConsumerTimings(drain=DrainTimings(record_tries=3, pause_s=0.0))
+    parked_before = REGISTRY.get_sample_value("recon_dead_letters_parked_total") or 0.0
+    async with feeder(amqp_url, settings) as feed:
+        body = json.dumps(event("evt_unrecordable")).encode()
+        message = event_message(body, "evt_unrecordable", "charge.refunded", 1)
+        await feed.publisher.publish_dead_letter(message)
+        async with consumer_running(settings, rules, timings=timings):
+
+            async def parked() -> bool:
+                return await feed.depth(topology.PARKED_QUEUE) == 1
+
+            await wait_until(parked, what="the dead letter parked")
+        assert await feed.depth(topology.DEAD_QUEUE) == 0
+        channel = await feed.connection.channel()
+        kept = await (await channel.get_queue(topology.PARKED_QUEUE)).get(no_ack=True)
+    assert kept.body == body
+    assert "value too long" in str(kept.headers[topology.HEADER_PARK_ERROR])
+    assert tries == ["evt_unrecordable"] * 3
+    assert REGISTRY.get_sample_value("recon_dead_letters_parked_total") == parked_before + 1

@@ -57,7 +57,8 @@ def _stdout_logger(*args: Any) -> StdoutLogger:
 def configure_logging(log_format: str = "json", log_level: str = "info", cache_loggers: bool = False) -> None:
     """``cache_loggers`` for a server process, which configures once and then logs a line per
     webhook and per event: each module's logger then binds once instead of on every call
-    (13 → 8 µs a line). Not for commands run in-process by tests, which configure again."""
+    (docs/performance.md has the figure). Not for commands run in-process by tests, which
+    configure again."""
     level = getattr(logging, log_level.upper())
     logging.basicConfig(format="%(message)s", stream=sys.stdout, level=level, force=True)
     renderer: structlog.typing.Processor = (

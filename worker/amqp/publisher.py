@@ -27,8 +27,9 @@ class PublishFailed(Exception):
 class Outgoing:
     """A message to publish: the raw body and its AMQP properties, built once.
 
-    Not an ``aio_pika.Message``: building one and then its ``.properties`` cost ~26 µs a publish
-    against ~2 µs for the properties alone, on the receiver's path for every webhook.
+    Not an ``aio_pika.Message``: building one and then converting its ``.properties`` costs
+    several times what building the properties once does, on the receiver's path for every
+    webhook (docs/performance.md has the figures).
     """
 
     body: bytes
@@ -83,7 +84,7 @@ class Publisher:
 
     Each publish goes to the aiormq channel under aio-pika's robust one (which swaps it after a
     reconnect), not through ``Exchange.publish``: same confirm, mandatory and on-return semantics,
-    ~6% less CPU per webhook in ``recon run``.
+    less CPU per webhook in ``recon run`` (docs/performance.md).
     """
 
     def __init__(self, channel: AbstractChannel) -> None:

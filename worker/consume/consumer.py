@@ -1,7 +1,7 @@
 """The consumer runtime of ``recon worker``: resources, consumers, readiness, drain on shutdown.
 
-    recon.events ──▶ lanes (by charge) ──▶ BatchRunner: one transaction, a savepoint per failing
-                                           event, commit, then each message's fate
+    recon.events ──▶ lanes (by charge) ──▶ BatchRunner: one transaction (a savepoint per event
+                                           once one fails), commit, then each message's fate
                                            (retry copy / dead letter, ack)
     recon.dead-letters ──▶ one lane ──▶ DeadLetterDrain: record, commit, ack (or park)
 

@@ -17,6 +17,13 @@ AuditAction = Literal[
     "status_changed",
     "event_unmatched",
     "event_dead_lettered",
+    "capture_adjusted",
+    "refund_requested",
+    "refund_submitted",
+    "refund_request_failed",
+    "order_rejected",
+    "exception_resolved",
+    "exception_retried",
 ]
 
 _AUDIT = """

@@ -2,11 +2,13 @@
 
 Every event of a batch reads and changes the same in-memory payment objects (``LockedPayments``:
 the rows the batch holds locked), so it sees exactly what the events before it left. What each
-event leaves for the end — its inbox outcome, the payment's worker fields, the order's or
-invoice's status and disputed flag, the ``status_changed`` audit rows, the payment's one ``charge``
-ledger row, the resolution of its ``dead_lettered`` exception — is written by ``flush`` in one
-statement: one round trip for the batch instead of one or two per event. Only the final state of
-a payment or an owner is written; nothing between two events of a batch can see the rows anyway.
+event leaves for the end — its inbox outcome, the payment's worker fields, the ``status_changed``
+audit rows, the payment's ``charge`` and ``capture_adjustment`` ledger rows, the resolution of the
+exceptions its outcome settles, the body of an event that must wait for an operator — is written
+by ``flush`` in one statement: one round trip for the batch instead of one or two per event. Only
+the final state of a payment is written; nothing between two events of a batch can see the rows
+anyway. A second statement then recomputes the orders and invoices the batch touched from all
+their payments (``recon.refresh_owners``).
 """
 
 from __future__ import annotations
@@ -20,78 +22,80 @@ from handlers.interface import Outcome
 from handlers.matching import LockedPayments, Payment
 from handlers.statuses import StatusWrite
 
-# A rejected order keeps its status; an owner row is written only when its status or disputed
-# flag moves, so an order shared by payments in different worker lanes is locked as rarely as
-# possible. processed_at is set once an outcome is final and stays null while retrying; a final
-# outcome also resolves the event's open dead_lettered exception (it was replayed and has applied).
+# processed_at is set once an outcome is final and stays null while retrying. A final outcome
+# resolves the event's open dead_lettered exception (it was replayed and has applied); applying
+# (applied or stale) resolves an unmatched_charge or refund_mismatch it raised before (an operator
+# retried it). Charge-row bookings with a capture_adjustment get a capture_adjusted audit row.
 _FLUSH = """
 with payment as (
     update recon.payments p
     set status = u.status, amount_captured = u.amount_captured,
         amount_refunded = u.amount_refunded, charge_booked = u.charge_booked,
-        disputed = u.disputed, stripe_charge_id = coalesce(p.stripe_charge_id, u.stripe_charge_id),
+        charge_total = u.charge_total, disputed = u.disputed, dispute_lost = u.dispute_lost,
+        stripe_charge_id = coalesce(p.stripe_charge_id, u.stripe_charge_id),
         snapshot_created = u.snapshot_created, snapshot_rank = u.snapshot_rank,
         snapshot_event_id = u.snapshot_event_id
-    from unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::boolean[],
-                $6::boolean[], $7::text[], $8::timestamptz[], $9::int[], $10::text[])
-         as u(id, status, amount_captured, amount_refunded, charge_booked, disputed,
-              stripe_charge_id, snapshot_created, snapshot_rank, snapshot_event_id)
+    from unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::boolean[], $6::bigint[],
+                $7::boolean[], $8::boolean[], $9::text[], $10::timestamptz[], $11::int[], $12::text[])
+         as u(id, status, amount_captured, amount_refunded, charge_booked, charge_total, disputed,
+              dispute_lost, stripe_charge_id, snapshot_created, snapshot_rank, snapshot_event_id)
     where p.id = u.id
     returning p.id
 ), charge_rows as (
     insert into recon.ledger_entries
         (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
-    select c.occurred_at, 'charge', c.source_id, c.amount, c.currency, c.payment_id,
+    select c.occurred_at, c.kind, c.source_id, c.amount, c.currency, c.payment_id,
            c.stripe_object_id, c.stripe_event_id
-    from unnest($11::timestamptz[], $12::text[], $13::bigint[], $14::text[], $15::bigint[],
-                $16::text[], $17::text[])
-         as c(occurred_at, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
+    from unnest($13::timestamptz[], $14::text[], $15::text[], $16::bigint[], $17::text[], $18::bigint[],
+                $19::text[], $20::text[]) with ordinality
+         as c(occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id,
+              stripe_event_id, n)
+    order by c.n
     on conflict (kind, source_id) do nothing
+    returning id, kind, amount, currency, payment_id, stripe_object_id, stripe_event_id
+), adjusted as (
+    insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
+    select 'capture_adjusted', r.stripe_event_id, r.stripe_object_id, r.payment_id,
+           jsonb_build_object('entry_id', r.id, 'kind', r.kind, 'amount', r.amount, 'currency', r.currency)
+    from charge_rows r
+    where r.kind = 'capture_adjustment'
     returning id
-), order_rows as (
-    update recon.orders o
-    set status = case when o.status = 'rejected' then o.status else coalesce(u.status, o.status) end,
-        disputed = u.disputed
-    from unnest($18::bigint[], $19::text[], $20::boolean[]) as u(id, status, disputed)
-    where o.id = u.id
-      and (coalesce(u.status, o.status) is distinct from o.status or o.disputed is distinct from u.disputed)
-    returning o.id
-), invoice_rows as (
-    update recon.invoices i
-    set payment_link_status = coalesce(u.status, i.payment_link_status), disputed = u.disputed
-    from unnest($21::bigint[], $22::text[], $23::boolean[]) as u(id, status, disputed)
-    where i.id = u.id
-      and (coalesce(u.status, i.payment_link_status) is distinct from i.payment_link_status
-           or i.disputed is distinct from u.disputed)
-    returning i.id
 ), audited as (
     insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
     select 'status_changed', a.event_id, a.object_id, a.payment_id, a.detail
-    from unnest($24::text[], $25::text[], $26::bigint[], $27::jsonb[])
+    from unnest($21::text[], $22::text[], $23::bigint[], $24::jsonb[])
          with ordinality as a(event_id, object_id, payment_id, detail, n)
     order by a.n
     returning id
 ), settled as (
     update recon.event_inbox i
-    set outcome = s.outcome, processed_at = case when s.outcome = 'retrying' then null else now() end
-    from unnest($28::text[], $29::text[]) as s(event_id, outcome)
+    set outcome = s.outcome, processed_at = case when s.outcome = 'retrying' then null else now() end,
+        stripe_object_id = coalesce(s.object_id, i.stripe_object_id),
+        stripe_charge_id = coalesce(s.charge_id, i.stripe_charge_id),
+        payment_id = coalesce(s.payment_id, i.payment_id)
+    from unnest($25::text[], $26::text[], $27::text[], $28::text[], $29::bigint[])
+         as s(event_id, outcome, object_id, charge_id, payment_id)
     where i.event_id = s.event_id
     returning i.event_id
 ), resolved as (
-    update recon.exceptions e set resolved_at = now()
-    from unnest($28::text[], $29::text[]) as s(event_id, outcome)
-    where s.outcome <> 'retrying' and e.kind = 'dead_lettered' and e.stripe_event_id = s.event_id
-      and e.resolved_at is null
+    update recon.exceptions e
+    set resolved_at = now(), resolved_by = 'recon worker',
+        resolution_note = 'the event reached outcome ' || s.outcome
+    from unnest($25::text[], $26::text[]) as s(event_id, outcome)
+    where e.stripe_event_id = s.event_id and e.resolved_at is null
+      and ((s.outcome <> 'retrying' and e.kind = 'dead_lettered')
+           or (s.outcome in ('applied', 'stale') and e.kind in ('unmatched_charge', 'refund_mismatch')))
     returning e.id
+), kept as (
+    insert into recon.event_bodies (event_id, body)
+    select k.event_id, k.body from unnest($30::text[], $31::bytea[]) as k(event_id, body)
+    on conflict (event_id) do update set body = excluded.body, kept_at = now()
+    returning event_id
 )
 select count(*) from settled
 """
 
-
-@dataclass(slots=True)
-class OwnerWrite:
-    status: str | None  # None: the status does not move
-    disputed: bool
+_REFRESH_OWNERS = "select count(*) from recon.refresh_owners($1, $2, $3, $4, $5, $6)"
 
 
 @dataclass(slots=True)
@@ -103,64 +107,75 @@ class Audit:
 
 
 @dataclass(slots=True)
-class ChargeRow:
+class LedgerRow:
     entry: Entry
     payment_id: int
     event_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class InboxOutcome:
+    outcome: Outcome
+    object_id: str | None
+    charge_id: str | None
+    payment_id: int | None
+
+
+@dataclass(slots=True)
+class OwnerTouch:
+    """The last event of the batch that touched one of the owner's payments (its audit rows)."""
+
+    event_id: str
+    object_id: str | None
+
+
 @dataclass(slots=True)
 class Batch:
     payments: LockedPayments = field(default_factory=LockedPayments)
-    outcomes: dict[str, Outcome] = field(default_factory=dict)  # event id -> inbox outcome
+    outcomes: dict[str, InboxOutcome] = field(default_factory=dict)  # event id -> inbox outcome
     _dirty: dict[int, Payment] = field(default_factory=dict)
-    _orders: dict[int, OwnerWrite] = field(default_factory=dict)
-    _invoices: dict[int, OwnerWrite] = field(default_factory=dict)
+    _orders: dict[int, OwnerTouch] = field(default_factory=dict)
+    _invoices: dict[int, OwnerTouch] = field(default_factory=dict)
     _audits: list[Audit] = field(default_factory=list)
-    _charges: list[ChargeRow] = field(default_factory=list)
+    _ledger_rows: list[LedgerRow] = field(default_factory=list)
+    _bodies: dict[str, bytes] = field(default_factory=dict)
 
-    def book_charge(self, entry: Entry, payment_id: int, event_id: str) -> None:
-        """The payment's one ``charge`` row (the caller holds its lock and saw it not booked)."""
-        self._charges.append(ChargeRow(entry, payment_id, event_id))
+    def book_charge_row(self, entry: Entry, payment_id: int, event_id: str) -> None:
+        """A ``charge`` or ``capture_adjustment`` row (the caller holds the payment's lock)."""
+        self._ledger_rows.append(LedgerRow(entry, payment_id, event_id))
+
+    def keep_body(self, event_id: str, body: bytes) -> None:
+        """Keep the event so an operator can queue it again (``recon exceptions retry``)."""
+        self._bodies[event_id] = body
 
     def record_outcome(
         self,
         event_id: str,
-        object_id: str | None,
         outcome: Outcome,
+        ids: tuple[str | None, str | None],
         payment: Payment | None,
         write: StatusWrite,
     ) -> None:
-        """The event's inbox outcome, and the payment's changes if ``write`` says it changed."""
-        self.outcomes[event_id] = outcome
+        """The event's inbox outcome (with its object and charge ids), and the payment's changes
+        if ``write`` says it changed."""
+        object_id, charge_id = ids
+        self.outcomes[event_id] = InboxOutcome(outcome, object_id, charge_id, payment.id if payment else None)
         if payment is None or not write.changed:
             return
         self._dirty[payment.id] = payment
         self._audits.extend(Audit(event_id, object_id, payment.id, d) for d in write.audit_details)
+        touch = OwnerTouch(event_id, object_id)
         if payment.order_id is not None:
-            self._owner(self._orders, payment.order_id, write.order_status, payment.disputed)
+            self._orders[payment.order_id] = touch
         if payment.invoice_id is not None:
-            self._owner(self._invoices, payment.invoice_id, write.invoice_status, payment.disputed)
-        # Every payment of the same order or invoice sees the status it now has (statuses.py sets
-        # a new order or invoice status only for a payment that has that owner).
-        for other in self.payments:
-            if write.order_status is not None and other.order_id == payment.order_id:
-                other.order_status = write.order_status
-            if write.invoice_status is not None and other.invoice_id == payment.invoice_id:
-                other.invoice_status = write.invoice_status
-
-    @staticmethod
-    def _owner(writes: dict[int, OwnerWrite], owner_id: int, status: str | None, disputed: bool) -> None:
-        earlier = writes.get(owner_id)
-        if status is None and earlier is not None:
-            status = earlier.status
-        writes[owner_id] = OwnerWrite(status, disputed)
+            self._invoices[payment.invoice_id] = touch
 
     async def flush(self, con: asyncpg.Connection) -> None:
         if not self.outcomes:
             return
         payments = list(self._dirty.values())
-        charges = self._charges
+        rows = self._ledger_rows
+        outcomes = self.outcomes
         await con.execute(
             _FLUSH,
             [p.id for p in payments],
@@ -168,28 +183,40 @@ class Batch:
             [p.amount_captured for p in payments],
             [p.amount_refunded for p in payments],
             [p.charge_booked for p in payments],
+            [p.charge_total for p in payments],
             [p.disputed for p in payments],
+            [p.dispute_lost for p in payments],
             [p.stripe_charge_id for p in payments],
             [p.snapshot_created for p in payments],
             [p.snapshot_rank for p in payments],
             [p.snapshot_event_id for p in payments],
-            [c.entry.occurred_at for c in charges],
-            [c.entry.source_id for c in charges],
-            [c.entry.amount for c in charges],
-            [c.entry.currency for c in charges],
-            [c.payment_id for c in charges],
-            [c.entry.stripe_object_id for c in charges],
-            [c.event_id for c in charges],
-            *_owner_columns(self._orders),
-            *_owner_columns(self._invoices),
+            [r.entry.occurred_at for r in rows],
+            [r.entry.kind for r in rows],
+            [r.entry.source_id for r in rows],
+            [r.entry.amount for r in rows],
+            [r.entry.currency for r in rows],
+            [r.payment_id for r in rows],
+            [r.entry.stripe_object_id for r in rows],
+            [r.event_id for r in rows],
             [a.event_id for a in self._audits],
             [a.object_id for a in self._audits],
             [a.payment_id for a in self._audits],
             [a.detail for a in self._audits],
-            list(self.outcomes),
-            list(self.outcomes.values()),
+            list(outcomes),
+            [o.outcome for o in outcomes.values()],
+            [o.object_id for o in outcomes.values()],
+            [o.charge_id for o in outcomes.values()],
+            [o.payment_id for o in outcomes.values()],
+            list(self._bodies),
+            list(self._bodies.values()),
         )
-
-
-def _owner_columns(writes: dict[int, OwnerWrite]) -> tuple[list[int], list[str | None], list[bool]]:
-    return list(writes), [w.status for w in writes.values()], [w.disputed for w in writes.values()]
+        if self._orders or self._invoices:
+            await con.fetchval(
+                _REFRESH_OWNERS,
+                list(self._orders),
+                [t.event_id for t in self._orders.values()],
+                [t.object_id for t in self._orders.values()],
+                list(self._invoices),
+                [t.event_id for t in self._invoices.values()],
+                [t.object_id for t in self._invoices.values()],
+            )

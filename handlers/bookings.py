@@ -1,7 +1,7 @@
 """Ledger bookings: each (kind, source id) at most once, with its audit row in the same statement.
 
 Refunds and their reversals are booked by refunds._APPLY_REFUND together with the refund's status;
-the one `charge` row of a payment with the batch's last statement (batch.py).
+a payment's `charge` and `capture_adjustment` rows with the batch's last statement (batch.py).
 
 ``insert … on conflict do nothing returning``: only when a row comes back was anything booked, and
 only then is the audit row written. That makes every handler safe to run twice.
@@ -20,6 +20,7 @@ from handlers.pipeline import Pipeline, Ticket
 
 LedgerKind = Literal[
     "charge",
+    "capture_adjustment",
     "refund",
     "refund_reversal",
     "dispute_withdrawal",

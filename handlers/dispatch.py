@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 
 from handlers.audit import audit
 from handlers.batch import Batch
@@ -52,6 +53,7 @@ FamilyHandler = Callable[[AppliedEvent, Payment, Pipeline], Then]
 HANDLERS: dict[str, FamilyHandler] = {
     "charge.succeeded": on_charge_event,
     "charge.captured": on_charge_event,
+    "charge.expired": on_charge_event,
     "charge.refunded": on_charge_refunded,
     "charge.refund.updated": on_refund_event,
     "refund.created": on_refund_event,
@@ -109,8 +111,12 @@ def _result(
 def _record(
     applied: AppliedEvent, outcome: Outcome, payment: Payment | None = None, write: StatusWrite = NO_WRITE
 ) -> None:
-    """The event's inbox outcome and the payment's changes (if any), written with the batch's end."""
-    applied.batch.record_outcome(applied.event_id, applied.object_id, outcome, payment, write)
+    """The event's inbox outcome and the payment's changes (if any), written with the batch's end.
+    An event that ends unmatched or mismatched keeps its body, so an operator can retry it."""
+    if outcome in ("unmatched", "mismatch"):
+        applied.batch.keep_body(applied.event_id, orjson.dumps(applied.incoming.event))
+    ids = (applied.object_id, applied.ref.charge_id)
+    applied.batch.record_outcome(applied.event_id, outcome, ids, payment, write)
 
 
 async def _unmatched(con: asyncpg.Connection, applied: AppliedEvent) -> Result:

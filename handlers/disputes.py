@@ -33,24 +33,31 @@ DISPUTE_STATUS_RANK = {
     "appeal_under_review": 7,
 }
 
-# Saves the dispute when this snapshot is newer, audits dispute_opened / dispute_closed /
-# status_changed, and says whether another dispute of the payment is still open.
+# Saves the dispute when this snapshot is newer (outcome and closed_at: how and when it closed,
+# both cleared by an appeal that reopens it, so a lost dispute won on appeal ends won); audits
+# dispute_opened / dispute_closed / status_changed, and says whether another dispute of the
+# payment is still open and whether any dispute of it is lost now.
 _RECORD_DISPUTE = """
 with old as (
-    select status from recon.disputes where id = $1
+    select status, outcome from recon.disputes where id = $1
 ), saved as (
     insert into recon.disputes as d
         (id, payment_id, amount, currency, reason, status, status_created, status_rank, outcome,
-         evidence_due_by, created)
+         evidence_due_by, created, closed_at)
     values ($1, $2, $3, $4, $5, $6, $7, $8,
-            case when $6 = any($12::text[]) then $6 end, $9, $10)
+            case when $6 = any($12::text[]) then $6 end, $9, $10,
+            case when $6 = any($12::text[]) then $7::timestamptz end)
     on conflict (id) do update
         set amount = excluded.amount, reason = excluded.reason, status = excluded.status,
             status_created = excluded.status_created, status_rank = excluded.status_rank,
-            outcome = coalesce(excluded.outcome, d.outcome),
-            evidence_due_by = excluded.evidence_due_by
+            outcome = excluded.outcome,
+            evidence_due_by = excluded.evidence_due_by,
+            closed_at = case when excluded.status = any($12::text[])
+                             then coalesce(case when d.status = any($12::text[]) then d.closed_at end,
+                                           excluded.status_created)
+                        end
         where (excluded.status_created, excluded.status_rank) > (d.status_created, d.status_rank)
-    returning status
+    returning status, outcome
 ), audited as (
     insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
     select a.action, $11, $1, $2,
@@ -66,7 +73,11 @@ with old as (
 )
 select (select status from saved) as saved_status, (select status from old) as old_status,
        exists (select 1 from recon.disputes x
-               where x.payment_id = $2 and x.id <> $1 and x.status <> all($12::text[])) as others_open
+               where x.payment_id = $2 and x.id <> $1 and x.status <> all($12::text[])) as others_open,
+       coalesce(case when exists (select 1 from saved) then (select outcome from saved)
+                     else (select outcome from old) end, '') = 'lost'
+       or exists (select 1 from recon.disputes x
+                  where x.payment_id = $2 and x.id <> $1 and x.outcome = 'lost') as any_lost
 """
 
 
@@ -148,6 +159,7 @@ def on_dispute_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline
     async def then(_con: asyncpg.Connection) -> Step:
         row = pipeline.row(record)
         payment.disputed = _open(row)
+        payment.dispute_lost = bool(row["any_lost"])
         any_booked = any([booked(pipeline, ticket) for ticket in bookings])
         return Step(changed=row["saved_status"] is not None or any_booked)
 

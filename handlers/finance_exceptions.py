@@ -8,12 +8,23 @@ import asyncpg
 import orjson
 
 ExceptionKind = Literal[
-    "unmatched_charge", "refund_mismatch", "over_refund", "currency_mismatch", "dead_lettered"
+    "unmatched_charge",
+    "refund_mismatch",
+    "over_refund",
+    "currency_mismatch",
+    "dead_lettered",
+    "refund_failed",
+    "drift",
+    "payout_difference",
 ]
 
+# An open exception is raised once per cause (kind, event, object): the partial unique index
+# exceptions_open_once (schema/0004) makes a second raise of the same cause a no-op.
 _RAISE = """
 insert into recon.exceptions (kind, stripe_event_id, stripe_object_id, detail)
 values ($1, $2, $3, $4::jsonb)
+on conflict (kind, coalesce(stripe_event_id, ''), coalesce(stripe_object_id, ''))
+    where resolved_at is null do nothing
 """
 
 

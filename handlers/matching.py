@@ -19,11 +19,10 @@ from handlers.payloads import TERMINAL_METHOD_TYPES, ChargeRef, currency_of, str
 
 _PAYMENT_SELECT = """
 select p.id, p.order_id, p.invoice_id, p.currency, p.amount, p.amount_captured, p.amount_refunded,
-       p.charge_booked, p.disputed, p.status, p.created_by_worker, p.stripe_charge_id,
-       p.stripe_payment_intent_id, p.recorded_at, p.snapshot_created, p.snapshot_rank,
-       p.snapshot_event_id,
-       o.number as order_number, o.status as order_status,
-       i.number as invoice_number, i.payment_link_status as invoice_status
+       p.charge_booked, p.charge_total, p.disputed, p.dispute_lost, p.status, p.created_by_worker,
+       p.stripe_charge_id, p.stripe_payment_intent_id, p.recorded_at, p.snapshot_created,
+       p.snapshot_rank, p.snapshot_event_id,
+       o.number as order_number, i.number as invoice_number
 from recon.payments p
 left join recon.orders o on o.id = p.order_id
 left join recon.invoices i on i.id = p.invoice_id
@@ -79,7 +78,9 @@ class Payment:
     amount_captured: int | None
     amount_refunded: int
     charge_booked: bool
+    charge_total: int  # what its charge and capture_adjustment rows add up to
     disputed: bool
+    dispute_lost: bool
     status: str
     created_by_worker: bool
     stripe_charge_id: str | None
@@ -89,9 +90,7 @@ class Payment:
     snapshot_rank: int | None
     snapshot_event_id: str | None
     order_number: str | None
-    order_status: str | None
     invoice_number: str | None
-    invoice_status: str | None
 
     @classmethod
     def from_record(cls, record: asyncpg.Record) -> Payment:

@@ -34,24 +34,29 @@ from handlers.pipeline import Pipeline, Ticket
 # One round trip per refund snapshot: save its status if this snapshot is newer by (created,
 # rank) — a full tie keeps the stored one — then, by the status it has afterwards, book the refund
 # (live) or its one reversal (failed/canceled, only if the refund was booked; it mirrors the refund
-# row: amount, currency, and occurred_at = the refund's created, so whichever event reports the
-# failure the ledger ends the same). Releases ($6) book nothing. Audit rows for all of it.
+# row's amount and currency, and is dated when the refund failed: the created of the snapshot that
+# saved the failed status, so days already reported keep their figures). The snapshot that first
+# saves a refund as failed raises one refund_failed exception with Stripe's failure_reason: the
+# customer was not paid back — in any delivery order, whether or not the refund had been booked.
+# Releases ($6) book nothing. Audit rows for all of it.
 _APPLY_REFUND = """
 with old as (
-    select status from recon.refunds where id = $1
+    select status, status_created from recon.refunds where id = $1
 ), saved as (
     insert into recon.refunds as r
         (id, payment_id, amount, currency, reason, is_release, status, status_created, status_rank,
-         created)
-    values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         created, failure_reason)
+    values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12)
     on conflict (id) do update
         set amount = excluded.amount, reason = excluded.reason, is_release = excluded.is_release,
             status = excluded.status, status_created = excluded.status_created,
-            status_rank = excluded.status_rank
+            status_rank = excluded.status_rank,
+            failure_reason = coalesce(excluded.failure_reason, r.failure_reason)
         where (excluded.status_created, excluded.status_rank) > (r.status_created, r.status_rank)
-    returning status
+    returning status, status_created
 ), final as (
-    select coalesce((select status from saved), (select status from old)) as status
+    select coalesce((select status from saved), (select status from old)) as status,
+           coalesce((select status_created from saved), (select status_created from old)) as status_created
 ), booked as (
     insert into recon.ledger_entries
         (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
@@ -63,13 +68,24 @@ with old as (
 ), reversed as (
     insert into recon.ledger_entries
         (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
-    select r.occurred_at, 'refund_reversal', r.source_id, -r.amount, r.currency, r.payment_id,
+    select final.status_created, 'refund_reversal', r.source_id, -r.amount, r.currency, r.payment_id,
            r.stripe_object_id, $11
     from recon.ledger_entries r, final
     where not $6 and final.status in ('failed', 'canceled') and r.kind = 'refund'
       and r.source_id = $1
     on conflict (kind, source_id) do nothing
     returning id, amount
+), failed as (
+    insert into recon.exceptions (kind, stripe_event_id, stripe_object_id, detail)
+    select 'refund_failed', $11, $1,
+           jsonb_build_object('refund_amount', $3::bigint, 'currency', $4::text,
+                              'failure_reason',
+                              coalesce($12::text, (select failure_reason from recon.refunds where id = $1)))
+    from saved s
+    where not $6 and s.status = 'failed' and (select status from old) is distinct from 'failed'
+    on conflict (kind, coalesce(stripe_event_id, ''), coalesce(stripe_object_id, ''))
+        where resolved_at is null do nothing
+    returning id
 ), audited as (
     insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
     select 'status_changed', $11, $1, $2,
@@ -143,6 +159,7 @@ def plan_refund(
         rank,
         timestamp(int(refund["created"])),
         applied.event_id,
+        refund.get("failure_reason") if isinstance(refund.get("failure_reason"), str) else None,
     )
     return pipeline.add(_APPLY_REFUND, args)
 

@@ -1,10 +1,12 @@
-"""Statuses (rule 5): payment, order and invoice, recomputed after every change; the batch writes
-them, with the event's inbox outcome, in its last statement (handlers/batch.py).
+"""Statuses (rule 5): a payment's, recomputed after every change; the batch writes it, with the
+event's inbox outcome, in its last statement (handlers/batch.py), and then recomputes the
+statuses of the orders and invoices it touched from all their payments (``recon.refresh_owners``,
+schema/0004): an event about one payment never moves its owner by that payment alone.
 
-The money statuses are a function of the ledger (charge booked, live refunds net of reversals)
-and of the largest amount_captured shown — all of which end the same in any delivery order — so
-they need no event-time guard of their own: the guarded object statuses (refund and dispute
-status, by event created then lifecycle rank) feed them.
+A payment's status is a function of the ledger (charge rows, live refunds net of reversals), of
+the largest amount_captured shown (0 once the authorisation ended with nothing taken) and of
+whether a dispute on it was lost — all of which end the same in any delivery order — so it needs
+no event-time guard of its own.
 """
 
 from __future__ import annotations
@@ -16,20 +18,16 @@ import orjson
 
 from handlers.matching import Payment
 
-_INVOICE_STATUS = {"paid": "paid", "partially_refunded": "partially_refunded", "refunded": "refunded"}
-
 
 @dataclass(frozen=True, slots=True)
 class StatusWrite:
     """What persisting a payment after an event writes; ``changed`` False writes only the inbox.
 
-    ``audit_details`` are the status moves an auditor sees; an event that moved none (and booked
-    nothing) is stale even when it wrote a payment field such as its snapshot.
+    ``audit_details`` are the moves an auditor sees (status, disputed); an event
+    that moved none (and booked nothing) is stale even when it wrote a field such as its snapshot.
     """
 
     changed: bool
-    order_status: str | None = None
-    invoice_status: str | None = None
     audit_details: tuple[str, ...] = ()
 
 
@@ -37,6 +35,12 @@ NO_WRITE = StatusWrite(changed=False)
 
 
 def money_status(payment: Payment) -> str:
+    """charged_back after a lost dispute; voided when the authorisation ended with nothing taken;
+    pending until money moved; then paid, partially_refunded or refunded by net refunds."""
+    if payment.dispute_lost:
+        return "charged_back"
+    if payment.amount_captured == 0:
+        return "voided"
     if not payment.charge_booked:
         return "pending"
     if payment.amount_refunded <= 0:
@@ -46,36 +50,8 @@ def money_status(payment: Payment) -> str:
     return "partially_refunded"
 
 
-def _change(record: str, field: str, before: Any, after: Any) -> str:
-    return orjson.dumps({"object": record, "field": field, "from": before, "to": after}).decode()
-
-
-def _owner_changes(before: Payment, after: Payment) -> tuple[str | None, str | None, list[str]]:
-    """(new order status, new invoice status, audit details) — None where nothing moves."""
-    changes: list[str] = []
-    order_status = invoice_status = None
-    if after.status != "pending":
-        if after.order_id is not None and before.order_status not in ("rejected", after.status):
-            order_status = after.status
-            changes.append(_change("order", "status", before.order_status, after.status))
-        invoice_target = _INVOICE_STATUS[after.status]
-        if after.invoice_id is not None and before.invoice_status != invoice_target:
-            invoice_status = invoice_target
-            changes.append(_change("invoice", "payment_link_status", before.invoice_status, invoice_target))
-    if before.disputed != after.disputed:
-        owner = "order" if after.order_id is not None else "invoice"
-        changes.append(_change(owner, "disputed", before.disputed, after.disputed))
-    return order_status, invoice_status, changes
-
-
-def _audit_details(before: Payment, after: Payment) -> tuple[str | None, str | None, list[str]]:
-    changes: list[str] = []
-    if before.status != after.status:
-        changes.append(_change("payment", "status", before.status, after.status))
-    if before.disputed != after.disputed:
-        changes.append(_change("payment", "disputed", before.disputed, after.disputed))
-    order_status, invoice_status, owner_changes = _owner_changes(before, after)
-    return order_status, invoice_status, changes + owner_changes
+def _change(field: str, before: Any, after: Any) -> str:
+    return orjson.dumps({"object": "payment", "field": field, "from": before, "to": after}).decode()
 
 
 def plan(before: Payment, after: Payment) -> StatusWrite:
@@ -83,5 +59,9 @@ def plan(before: Payment, after: Payment) -> StatusWrite:
     after.status = money_status(after)
     if after == before:
         return NO_WRITE
-    order_status, invoice_status, details = _audit_details(before, after)
-    return StatusWrite(True, order_status, invoice_status, tuple(details))
+    details = [
+        _change(field, getattr(before, field), getattr(after, field))
+        for field in ("status", "disputed")
+        if getattr(before, field) != getattr(after, field)
+    ]
+    return StatusWrite(True, tuple(details))

@@ -17,7 +17,7 @@ that was taken). An expected value of None means "not compared".
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 LIVE = frozenset({"pending", "succeeded"})  # a refund in these has moved money (rule 4)
@@ -118,6 +118,7 @@ class Expected:
     balances: dict[str, Balance]  # by charge id
     statuses: dict[str, str | None]  # order/invoice number -> status / payment_link_status
     disputed: dict[str, bool]  # order/invoice number -> disputed
+    refund_failed: set[str] = field(default_factory=set)  # refund ids that end failed (rule 4's exception)
 
 
 @dataclass
@@ -172,6 +173,8 @@ def _expect_charge(charge: Charge, out: Expected) -> None:
         if steps[0].reason == RELEASE_REASON:
             continue  # a release is not money back (rule 4)
         amount, statuses = steps[0].amount, [s.status for s in steps]
+        if statuses[-1] == "failed":
+            out.refund_failed.add(refund_id)  # raised in any delivery order, booked or not
         if not LIVE & set(statuses):
             continue  # never moved money: nothing to book or reverse
         booked: Row = ("refund", -amount, cur, refund_id, ch)
@@ -190,12 +193,16 @@ def _expect_charge(charge: Charge, out: Expected) -> None:
             out.ledger[("dispute_fee", -txn.fee, txn.currency, charge.dispute_id, ch)] += 1
     captured = truth.amount_captured or (charge.amount if charge.host_recorded else 0)
     disputed = truth.dispute_status is not None and truth.dispute_status not in DISPUTE_CLOSED
-    status = money_status(net_refunded, captured) if captured else "pending"
+    lost = truth.dispute_status == "lost"
+    # Rule 5: a lost dispute makes the payment charged back, whatever was refunded.
+    status = _payment_status(truth, captured, net_refunded)
+    # Section 6: what Stripe would refund now is nothing while a dispute is open or after one was lost.
+    refundable = 0 if disputed or lost else max(captured - net_refunded, 0)
     out.balances[ch] = Balance(
         currency=cur,
         amount=captured or None,
         amount_refunded=net_refunded,
-        refundable_amount=max(captured - net_refunded, 0) if captured else None,
+        refundable_amount=refundable if captured else None,
         net_amount=sum(n * row[1] for row, n in out.ledger.items() if row[4] == ch and row[2] == cur),
         status=status,
         disputed=disputed,
@@ -205,6 +212,18 @@ def _expect_charge(charge: Charge, out: Expected) -> None:
     owner_status = unpaid if status == "pending" else status
     out.statuses[charge.number] = "rejected" if charge.rejected else owner_status
     out.disputed[charge.number] = disputed
+
+
+def _payment_status(truth: _Truth, captured: int, net_refunded: int) -> str:
+    """Rule 5 for one payment: charged back after a lost dispute; voided when the authorisation was
+    released with nothing captured; else the money rule; pending while nothing moved."""
+    if truth.dispute_status == "lost" and captured:
+        return "charged_back"
+    if captured:
+        return money_status(net_refunded, captured)
+    assert truth.refunds is not None
+    released = any(steps[0].reason == RELEASE_REASON for steps in truth.refunds.values())
+    return "voided" if released else "pending"
 
 
 def ledger_differences(exp: Expected, rows: list[Row]) -> list[str]:

@@ -34,7 +34,7 @@ EXPECTED_BALANCES = {
     "1": ("partially_refunded", "no", ""),
     "2": ("refunded", "no", ""),
     "3": ("paid", "no", ""),
-    "4": ("paid", "no", "lost"),
+    "4": ("charged_back", "no", "lost"),
     "5": ("paid", "no", "won"),
 }
 

@@ -119,9 +119,11 @@ async def _state(con: asyncpg.Connection, w: str, events: list[dict[str, Any]]) 
         "invoices": await rows(
             "select number, payment_link_status, disputed from recon.invoices where number like $1"
         ),
+        # Per event for payments; an order's or invoice's moves are recomputed once per transaction
+        # from all its payments, so a batch records their net move (its final state is compared).
         "audit": await rows(
             "select action, stripe_object_id, detail - 'entry_id' from recon.audit_log "
-            "where stripe_object_id like $1"
+            "where stripe_object_id like $1 and coalesce(detail->>'object', '') not in ('order', 'invoice')"
         ),
         "inbox": sorted(
             tuple(r.values())
@@ -131,7 +133,9 @@ async def _state(con: asyncpg.Connection, w: str, events: list[dict[str, Any]]) 
                 [e["id"] for e in events],
             )
         ),
-        "exceptions": await con.fetchval("select count(*) from recon.exceptions"),
+        "exceptions": await rows(
+            "select kind, stripe_object_id from recon.exceptions where stripe_object_id like $1"
+        ),
     }
 
 
@@ -149,4 +153,4 @@ async def test_a_batch_ends_as_one_transaction_per_delivery(con: asyncpg.Connect
     assert ("I-W", "partially_refunded", False) in batch["invoices"]
     assert ("M-W", "partially_refunded", False) in batch["orders"]
     assert [p[0] for p in batch["payments"]] == ["ch_aW", "ch_bW", "ch_cW", "ch_dW"]
-    assert batch["exceptions"] == 0
+    assert {kind for kind, _ in batch["exceptions"]} <= {"refund_failed"}  # refunds that failed, only

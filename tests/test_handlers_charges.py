@@ -72,11 +72,12 @@ async def test_host_recorded_payment_is_charged_by_an_authorisation_too(
     assert await h.ledger(con, "ch_1") == [("charge", 1000, "usd", "ch_1")]
 
 
-async def test_host_recorded_partial_capture_keeps_the_row_but_measures_refunds_against_capture(
+async def test_host_recorded_partial_capture_is_adjusted_to_what_was_captured(
     con: asyncpg.Connection,
 ) -> None:
-    """Host amount 1000, later capture shows 800: the charge row stays 1000 (append-only, order-free);
-    statuses and over-refund measure against Stripe's amount_captured 800 from then on."""
+    """Host amount 1000, later capture shows 800: the charge row stays 1000 (append-only) and one
+    capture_adjustment of -200 brings the charge rows to 800; statuses and over-refund measure
+    against 800, and the ledger's net agrees with payment_balances."""
     await h.add_order_with_payment(con, "O-1", "ch_1", amount=1000)
     first = b.refund(charge_id="ch_1", amount=300)
     await h.apply(con, b.incoming(b.refund_event("refund.created", first)))
@@ -85,10 +86,11 @@ async def test_host_recorded_partial_capture_keeps_the_row_but_measures_refunds_
     second = b.refund(charge_id="ch_1", amount=500, created=b.T0 + 2)
     await h.apply(con, b.incoming(b.refund_event("refund.created", second, created=b.T0 + 2)))
     kinds = sorted((k, a) for k, a, *_ in await h.ledger(con, "ch_1"))
-    assert kinds == [("charge", 1000), ("refund", -500), ("refund", -300)]
+    assert kinds == [("capture_adjustment", -200), ("charge", 1000), ("refund", -500), ("refund", -300)]
     balance = await h.balance(con, "ch_1")
     assert (balance["amount"], balance["amount_refunded"], balance["status"]) == (800, 800, "refunded")
     assert balance["refundable_amount"] == 0
+    assert balance["net_amount"] == sum(a for _, a in kinds) == 0
     assert await h.exceptions(con, "over_refund") == []
 
 

@@ -134,14 +134,14 @@ async def test_closed_records_the_outcome_and_clears_disputed(con: asyncpg.Conne
 
 
 async def test_appeal_sets_disputed_again(con: asyncpg.Connection) -> None:
-    """A lost dispute that is appealed (appeal_needs_response) is disputed again."""
+    """A lost dispute that is appealed (appeal_needs_response) is disputed again, its outcome open."""
     lost = b.dispute(charge_id="ch_1", amount=1000, dispute_id="du_1", status="lost")
     await h.apply(con, b.incoming(b.dispute_event("charge.dispute.closed", lost)))
     assert await _flags(con) == (False, False)
     appeal = {**lost, "status": "appeal_needs_response"}
     await h.apply(con, b.incoming(b.dispute_event("charge.dispute.updated", appeal, created=b.T0 + 9)))
     assert await _flags(con) == (True, True)
-    assert await con.fetchval("select outcome from recon.disputes") == "lost"
+    assert await con.fetchval("select outcome, closed_at from recon.disputes") is None
 
 
 async def test_closed_delivered_first_is_not_reopened_by_older_events(con: asyncpg.Connection) -> None:

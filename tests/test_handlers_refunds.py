@@ -71,8 +71,14 @@ async def test_failed_after_booking_books_one_reversal(con: asyncpg.Connection) 
     assert (balance["amount_refunded"], balance["status"]) == (0, "paid")
     actions = await h.audit_actions(con)
     assert actions.count("stripe_refund_reversed") == 1
-    occurred = await con.fetch("select occurred_at from finance.ledger where kind like 'refund%'")
-    assert len({r["occurred_at"] for r in occurred}) == 1  # the reversal mirrors the refund's created
+    occurred = dict(await con.fetch("select kind, occurred_at from finance.ledger where kind like 'refund%'"))
+    # The reversal is dated when the refund failed, not on the refund's own day.
+    assert occurred == {
+        "refund": datetime.fromtimestamp(b.T0, UTC),
+        "refund_reversal": datetime.fromtimestamp(b.T0 + 5, UTC),
+    }
+    [failed_exception] = await h.exceptions(con, "refund_failed")
+    assert failed_exception["stripe_object_id"] == "re_1"
 
 
 async def test_canceled_refund_is_reversed_too(con: asyncpg.Connection) -> None:
@@ -226,7 +232,8 @@ async def test_failure_known_before_the_checkpoint_does_not_make_it_short(
     event = b.charge_event("charge.refunded", charge, created=b.T0 + 10, api_version=b.OLD_API_VERSION)
     assert (await h.apply(con, b.incoming(event))).outcome in ("applied", "stale")
     assert await _refund_rows(con) == []
-    assert await h.exceptions(con) == []
+    # Never booked, but it failed: the customer was not paid back, and finance hears of it.
+    assert [e["kind"] for e in await h.exceptions(con)] == ["refund_failed"]
 
 
 async def test_over_refund_is_booked_and_raised(con: asyncpg.Connection) -> None:

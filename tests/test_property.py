@@ -241,9 +241,16 @@ def differences(history: list[Charge], events: list[dict[str, Any]], got: dict[s
         if outcome in ("applied", "duplicate", "stale") or (outcome == "mismatch" and e["id"] in never_meet):
             continue
         problems.append(f"{e['type']} {e['id']} ({e['data']['object']['id']}): outcome {outcome!r}")
+    failed_seen: list[str] = []
     for kind, event_id, object_id in got["exceptions"]:
-        if not (kind == "refund_mismatch" and event_id in never_meet):
+        if kind == "refund_failed":
+            failed_seen.append(object_id)
+        elif not (kind == "refund_mismatch" and event_id in never_meet):
             problems.append(f"exception {kind} for {event_id} / {object_id}")
+    if sorted(failed_seen) != sorted(exp.refund_failed):
+        problems.append(
+            f"refund_failed raised for {sorted(failed_seen)}, model says {sorted(exp.refund_failed)}"
+        )
     return problems
 
 

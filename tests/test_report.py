@@ -136,11 +136,14 @@ async def _seed(database_url: str) -> None:
                 status,
                 _t(due) if due else None,
             )
-        for kind, resolved in EXCEPTIONS:
+        for n, (kind, resolved) in enumerate(EXCEPTIONS):
+            # One cause each (an open exception is raised once per kind, event and object).
             await con.execute(
-                "insert into recon.exceptions (kind, resolved_at) values ($1, case when $2 then now() end)",
+                "insert into recon.exceptions (kind, resolved_at, stripe_object_id)"
+                " values ($1, case when $2 then now() end, $3)",
                 kind,
                 resolved,
+                f"obj_{n}",
             )
     finally:
         await con.close()

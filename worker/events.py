@@ -16,6 +16,7 @@ HANDLED_TYPES = frozenset(
     {
         "charge.succeeded",
         "charge.captured",
+        "charge.expired",
         "charge.refunded",
         "charge.refund.updated",
         "refund.created",

@@ -63,7 +63,7 @@ def _refund_event(charge_id: str, amount: int, *, created: int | None = None) ->
 async def test_list_shows_only_dead_letters_not_yet_replayed(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The table and the JSON lines name each waiting event with its error; replayed ones are gone."""
+    """The table and the JSON array name each waiting event with its error; replayed ones are gone."""
     waiting = _refund_event("ch_waiting", 500)
     done = _refund_event("ch_done", 700)
     await _store_dead_letter(settings.database_url, waiting, error="KeyError: 'charge'\n  at line 3")
@@ -76,7 +76,7 @@ async def test_list_shows_only_dead_letters_not_yet_replayed(
     assert str(done["id"]) not in table
 
     assert await deadletters.list_dead_letters(settings, as_json=True) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    lines = json.loads(capsys.readouterr().out)
     assert [line["event_id"] for line in lines] == [waiting["id"]]
     assert lines[0]["attempts"] == 8
     assert lines[0]["last_error"] == "KeyError: 'charge'\n  at line 3"
@@ -85,11 +85,11 @@ async def test_list_shows_only_dead_letters_not_yet_replayed(
 
 
 async def test_empty_list_says_so(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
-    """With nothing dead-lettered the table form prints one reassuring line, JSON prints nothing."""
+    """With nothing dead-lettered the table form prints one reassuring line, JSON an empty array."""
     assert await deadletters.list_dead_letters(settings, as_json=False) == 0
     assert capsys.readouterr().out.strip() == "no dead-lettered events waiting for replay"
     assert await deadletters.list_dead_letters(settings, as_json=True) == 0
-    assert capsys.readouterr().out == ""
+    assert json.loads(capsys.readouterr().out) == []
 
 
 async def test_replay_requeues_the_raw_body_as_a_fresh_delivery(
@@ -227,12 +227,14 @@ async def test_replaying_an_event_that_already_applied_changes_nothing(settings:
 
 
 def _json_lines(output: str) -> list[dict[str, Any]]:
-    rows = []
+    """The objects printed among the server's own log lines, a listing's array flattened."""
+    rows: list[Any] = []
     for line in output.splitlines():
         try:
-            rows.append(json.loads(line))
+            parsed = json.loads(line)
         except ValueError:
             continue
+        rows.extend(parsed if isinstance(parsed, list) else [parsed])
     return [row for row in rows if isinstance(row, dict)]
 
 

@@ -20,7 +20,29 @@ def test_defaults_match_the_contract() -> None:
     assert (s.http_host, s.http_port, s.worker_http_port) == ("127.0.0.1", 8080, 8081)
     assert (s.max_body_bytes, s.worker_concurrency, s.max_attempts) == (1_048_576, 32, 8)
     assert s.unmatched_retry_s == 3600
+    assert s.retry_delays_s == (5.0, 30.0, 120.0, 600.0, 1800.0)
+    assert (s.api_host, s.api_port, s.api_tokens, s.api_enabled) == ("127.0.0.1", 8082, (), False)
+    assert (s.smtp_url, s.mail_from, s.notify_dashboard_refunds) == (None, "refunds@localhost", False)
+    assert (s.host_webhook_url, s.host_webhook_secret) == (None, None)
+    assert (s.console_session_s, s.verify_interval_s) == (28800, 0)
     assert (s.log_format, s.log_level) == ("json", "info")
+
+
+def test_retry_delays_and_api_tokens_are_parsed() -> None:
+    """RECON_RETRY_DELAYS_S is ascending seconds; RECON_API_TOKENS takes name:token or a bare token,
+    and neither the tokens nor the SMTP URL (which may hold a password) show in repr."""
+    s = Settings.from_env(
+        {
+            "RECON_RETRY_DELAYS_S": "0.5, 2,10",
+            "RECON_API_TOKENS": "ana:tok_ana_0123456789abcdef, tok_bare_0123456789abcdef",
+            "SMTP_URL": "smtp://user:pw@mail:25",
+            "RECON_NOTIFY_DASHBOARD_REFUNDS": "true",
+        }
+    )
+    assert s.retry_delays_s == (0.5, 2.0, 10.0)
+    assert s.api_tokens == (("ana", "tok_ana_0123456789abcdef"), ("token-2", "tok_bare_0123456789abcdef"))
+    assert s.api_enabled and s.notify_dashboard_refunds
+    assert "tok_" not in repr(s) and "pw@" not in repr(s)
 
 
 def test_secrets_are_split_and_hidden_from_repr() -> None:
@@ -38,6 +60,12 @@ def test_secrets_are_split_and_hidden_from_repr() -> None:
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"STRIPE_WEBHOOK_SECRETS": "nope"}, "whsec_"),
         ({"RECON_MAX_ATTEMPTS": "0"}, "RECON_MAX_ATTEMPTS"),
+        ({"RECON_RETRY_DELAYS_S": "30,5"}, "ascending"),
+        ({"RECON_RETRY_DELAYS_S": "5,soon"}, "RECON_RETRY_DELAYS_S"),
+        ({"RECON_API_TOKENS": "ana:nope"}, "RECON_API_TOKENS"),
+        ({"SMTP_URL": "mail.example:25"}, "SMTP_URL"),
+        ({"RECON_HOST_WEBHOOK_URL": "https://shop.example/hooks"}, "RECON_HOST_WEBHOOK_SECRET"),
+        ({"RECON_NOTIFY_DASHBOARD_REFUNDS": "maybe"}, "RECON_NOTIFY_DASHBOARD_REFUNDS"),
     ],
 )
 def test_bad_values_raise_settings_error(env: dict[str, str], needle: str) -> None:

@@ -33,3 +33,19 @@ QUEUE_DEPTH = Gauge("recon_queue_depth", "Messages ready in a queue", ["queue"])
 CONSUMER_LAG_SECONDS = Gauge(
     "recon_consumer_lag_seconds", "Age (since first queued) of the last event the worker committed"
 )
+
+# Back office: refund requests and the two outboxes (buyer e-mail, host webhooks)
+REFUND_REQUESTS = Counter("recon_refund_requests", "Refund requests reaching a state", ["state"])
+OUTBOX_PENDING = Gauge("recon_outbox_pending", "Outbox rows not yet delivered", ["channel"])
+OUTBOX_OLDEST_AGE_SECONDS = Gauge(
+    "recon_outbox_oldest_age_seconds", "Age of the oldest undelivered outbox row", ["channel"]
+)
+OUTBOX_SENT = Counter("recon_outbox_sent", "Outbox rows delivered", ["channel"])
+OUTBOX_SEND_FAILURES = Counter("recon_outbox_send_failures", "Failed delivery attempts", ["channel"])
+
+# Payouts and the drift check against Stripe
+PAYOUTS_RECONCILED = Counter(
+    "recon_payouts_reconciled", "Payout reconciliations by result", ["reconciliation"]
+)
+DRIFT_FOUND = Counter("recon_drift_found", "Differences the drift check found", ["kind"])
+VERIFY_RUNS = Counter("recon_verify_runs", "Drift checks run, by result", ["result"])

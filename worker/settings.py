@@ -11,8 +11,8 @@ from dotenv import dotenv_values
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/recon"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-# Waits between retries of an event that cannot apply yet; the last one repeats until
-# RECON_UNMATCHED_RETRY_S runs out. Not in the contract: tests shorten it.
+# Waits between retries of an event that cannot apply yet (RECON_RETRY_DELAYS_S); the last one
+# repeats until RECON_UNMATCHED_RETRY_S runs out.
 DEFAULT_RETRY_DELAYS_S = (5.0, 30.0, 120.0, 600.0, 1800.0)
 
 
@@ -67,6 +67,51 @@ def _retry_delays(env: Mapping[str, str]) -> tuple[float, ...]:
     return delays
 
 
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _api_tokens(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """RECON_API_TOKENS: ``name:token`` or a bare token (named ``token-N``), comma-separated."""
+    pairs: list[tuple[str, str]] = []
+    for index, part in enumerate(p.strip() for p in env.get("RECON_API_TOKENS", "").split(",")):
+        if not part:
+            continue
+        name, sep, token = part.partition(":")
+        if not sep:
+            name, token = f"token-{index + 1}", part
+        if not name.strip() or len(token.strip()) < 16:
+            # Never echo the value: a token is a secret even when malformed.
+            raise SettingsError("RECON_API_TOKENS entries must be name:token with a token of 16+ characters")
+        pairs.append((name.strip(), token.strip()))
+    return tuple(pairs)
+
+
+def _smtp_url(env: Mapping[str, str]) -> str | None:
+    raw = env.get("SMTP_URL", "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(("smtp://", "smtps://")):
+        raise SettingsError("SMTP_URL must start with smtp:// or smtps://")
+    return raw
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"{name} must be an http:// or https:// URL")
+    return raw
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
     value = env.get(name, default).strip().lower() or default
     if value not in allowed:
@@ -91,6 +136,17 @@ class Settings:
     max_attempts: int = 8
     unmatched_retry_s: int = 3600
     retry_delays_s: tuple[float, ...] = DEFAULT_RETRY_DELAYS_S
+    api_host: str = "127.0.0.1"
+    api_port: int = 8082
+    # (name, token) pairs; empty = the back-office API and the console are off.
+    api_tokens: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    smtp_url: str | None = field(default=None, repr=False)
+    mail_from: str = "refunds@localhost"
+    notify_dashboard_refunds: bool = False
+    host_webhook_url: str | None = None
+    host_webhook_secret: str | None = field(default=None, repr=False)
+    console_session_s: int = 28800
+    verify_interval_s: int = 0
     log_format: str = "json"
     log_level: str = "info"
 
@@ -115,9 +171,30 @@ class Settings:
             max_attempts=_int(env, "RECON_MAX_ATTEMPTS", 8, minimum=1),
             unmatched_retry_s=_int(env, "RECON_UNMATCHED_RETRY_S", 3600, minimum=0),
             retry_delays_s=_retry_delays(env),
+            api_host=env.get("RECON_API_HOST") or "127.0.0.1",
+            api_port=_int(env, "RECON_API_PORT", 8082),
+            api_tokens=_api_tokens(env),
+            smtp_url=_smtp_url(env),
+            mail_from=env.get("RECON_MAIL_FROM") or "refunds@localhost",
+            notify_dashboard_refunds=_bool(env, "RECON_NOTIFY_DASHBOARD_REFUNDS", False),
+            host_webhook_url=_http_url(env, "RECON_HOST_WEBHOOK_URL"),
+            host_webhook_secret=env.get("RECON_HOST_WEBHOOK_SECRET") or None,
+            console_session_s=_int(env, "RECON_CONSOLE_SESSION_S", 28800, minimum=60),
+            verify_interval_s=_int(env, "RECON_VERIFY_INTERVAL_S", 0, minimum=0),
             log_format=_choice(env, "LOG_FORMAT", "json", ("json", "console")),
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )
+
+    def __post_init__(self) -> None:
+        if self.host_webhook_url and not self.host_webhook_secret:
+            raise SettingsError(
+                "RECON_HOST_WEBHOOK_URL is set without RECON_HOST_WEBHOOK_SECRET to sign with"
+            )
+
+    @property
+    def api_enabled(self) -> bool:
+        """The back-office API and the console listen only when tokens are set."""
+        return bool(self.api_tokens)
 
     def require_webhook_secrets(self) -> None:
         if not self.webhook_secrets:

@@ -63,9 +63,8 @@ def _one_line(error: str | None) -> str:
     return text if len(text) <= ERROR_CELL_CHARS else text[: ERROR_CELL_CHARS - 1] + "…"
 
 
-def _as_json_line(row: asyncpg.Record) -> str:
-    return json.dumps(
-        {
+def _as_dict(row: asyncpg.Record) -> dict[str, Any]:
+    return {
             "event_id": row["event_id"],
             "event_type": row["event_type"],
             "attempts": row["attempts"],
@@ -73,7 +72,6 @@ def _as_json_line(row: asyncpg.Record) -> str:
             "first_seen_at": _iso(row["first_seen_at"]),
             "last_seen_at": _iso(row["last_seen_at"]),
         }
-    )
 
 
 def _as_table(rows: list[asyncpg.Record]) -> str:
@@ -93,15 +91,14 @@ def _as_table(rows: list[asyncpg.Record]) -> str:
 
 
 async def list_dead_letters(settings: Settings, *, as_json: bool) -> int:
-    """Print the dead letters not yet replayed: a table, or one JSON object per line."""
+    """Print the dead letters not yet replayed: a table, or one JSON array (``[]`` when none)."""
     con = await asyncpg.connect(settings.database_url)
     try:
         rows = await con.fetch(_PENDING_SQL)
     finally:
         await con.close()
     if as_json:
-        for row in rows:
-            print(_as_json_line(row))
+        print(json.dumps([_as_dict(row) for row in rows]))
     elif rows:
         print(_as_table(rows))
     else:

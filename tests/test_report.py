@@ -30,6 +30,8 @@ KINDS = {
     "dispute_withdrawal": "dispute_withdrawals",
     "dispute_fee": "dispute_fees",
     "dispute_reinstatement": "dispute_reinstatements",
+    "capture_adjustment": "capture_adjustments",
+    "processing_fee": "processing_fees",
 }
 MONEY_KEYS = [*KINDS.values(), "net"]
 Movements = dict[tuple[str, str], dict[str, Decimal]]
@@ -42,6 +44,8 @@ def _t(text: str) -> datetime:
 # (charge, kind, signed minor units, currency, occurred_at)
 LEDGER = [
     ("ch_usd", "charge", 10_000, "usd", "2026-03-01T09:00"),
+    ("ch_usd", "processing_fee", -320, "usd", "2026-03-01T09:00"),
+    ("ch_usd", "refund", -2_500, "usd", "2026-03-01T18:00"),
     ("ch_usd", "refund", -999, "usd", "2026-02-27T12:00"),  # before --since
     ("ch_usd", "refund", -1_234, "usd", "2026-03-02T10:00"),
     ("ch_usd", "refund", -1, "usd", "2026-03-02T23:59:59"),  # still the 2nd in UTC
@@ -53,6 +57,7 @@ LEDGER = [
     ("ch_jpy", "dispute_reinstatement", 5_000, "jpy", "2026-03-04T08:00"),
     ("ch_jpy", "dispute_fee", 1_500, "usd", "2026-03-04T08:00"),
     ("ch_kwd", "charge", 25_005, "kwd", "2026-03-01T09:00"),
+    ("ch_kwd", "capture_adjustment", -5_000, "kwd", "2026-03-01T09:30"),
     ("ch_kwd", "refund", -1_005, "kwd", "2026-03-02T11:00"),
     ("ch_kwd", "refund", -20, "kwd", "2026-03-02T12:00"),
     ("ch_kwd", "dispute_withdrawal", -25_005, "kwd", "2026-03-05T08:00"),
@@ -63,6 +68,7 @@ DISPUTES = [
     ("dp_kwd", "ch_kwd", 25_005, "kwd", "needs_response", "2026-03-20T23:59:59"),
     ("dp_jpy", "ch_jpy", 5_000, "jpy", "under_review", "2026-03-10T23:59:59"),
     ("dp_won", "ch_jpy", 5_000, "jpy", "won", "2026-03-09T23:59:59"),
+    ("dp_lost", "ch_kwd", 20_005, "kwd", "lost", "2026-03-04T23:59:59"),
     ("dp_nodue", "ch_usd", 10_000, "usd", "warning_needs_response", None),
 ]
 # (kind, resolved)
@@ -126,8 +132,9 @@ async def _seed(database_url: str) -> None:
             await con.execute(
                 """
                 insert into recon.disputes (id, payment_id, amount, currency, reason, status, status_created,
-                                            status_rank, evidence_due_by, created)
-                values ($1, $2, $3, $4, 'fraudulent', $5, now(), 1, $6, now())
+                                            status_rank, evidence_due_by, created, closed_at)
+                values ($1, $2, $3, $4, 'fraudulent', $5, now(), 1, $6, now(),
+                        case when $5::text = 'lost' then $6::timestamptz end)
                 """,
                 dispute,
                 payments[charge],
@@ -174,8 +181,8 @@ async def _expected_movements(database_url: str, since: datetime | None, currenc
 
 
 def _from_table(output: str) -> Movements:
-    block = output.split("\n\n")[1]
-    assert block.startswith("Refunds and dispute movements by day (UTC) and currency")
+    block = output.split("\n\n")[2]
+    assert block.startswith("Every movement but charges, by kind, day (UTC) and currency")
     found: Movements = {}
     for line in block.splitlines():
         if re.match(r"\d{4}-\d{2}-\d{2} ", line):
@@ -188,7 +195,7 @@ def _from_table(output: str) -> Movements:
 
 def _csv_blocks(output: str) -> dict[str, list[dict[str, str]]]:
     """The three blocks in their fixed order; every data row names its section."""
-    names = ["movements", "open_disputes", "open_exceptions"]
+    names = ["summary", "movements", "open_disputes", "open_exceptions"]
     blocks = [list(csv.DictReader(io.StringIO(block))) for block in output.split("\n\n")]
     assert len(blocks) == len(names)
     for name, rows in zip(names, blocks, strict=True):
@@ -267,7 +274,7 @@ async def test_open_disputes_soonest_first_and_open_exceptions_by_kind(
     ]
 
     table = await _report(settings, capsys, "table", since=None, currency=None)
-    disputes_block = table.split("\n\n")[2]
+    disputes_block = table.split("\n\n")[3]
     assert disputes_block.index("dp_jpy") < disputes_block.index("dp_kwd") < disputes_block.index("dp_nodue")
     assert "2026-03-10 23:59 " in disputes_block and "25.005" in disputes_block
     blocks = _csv_blocks(await _report(settings, capsys, "csv", since=None, currency=None))
@@ -282,9 +289,10 @@ async def test_empty_ledger_prints_empty_sections(
 ) -> None:
     """A fresh database reports no movements, disputes or exceptions rather than failing."""
     table = await _report(settings, capsys, "table", since=None, currency=None)
-    assert table.count("(none)") == 3
+    assert table.count("(none)") == 4
     document = json.loads(await _report(settings, capsys, "json", since=None, currency=None))
-    assert (document["movements"], document["open_disputes"], document["open_exceptions"]) == ([], [], [])
+    names = ("summary", "movements", "open_disputes", "open_exceptions")
+    assert [document[name] for name in names] == [[], [], [], []]
 
 
 async def test_the_report_needs_only_the_recon_finance_grants(settings: Settings) -> None:
@@ -296,4 +304,29 @@ async def test_the_report_needs_only_the_recon_finance_grants(settings: Settings
         sections = await report.load_sections(con, since=SINCE, currency=None)
     finally:
         await con.close()
-    assert [len(s.rows) for s in sections] == [9, 3, 2]
+    assert [len(s.rows) for s in sections] == [13, 11, 3, 2]
+
+
+async def test_summary_gives_gross_charges_refund_rate_chargebacks_and_fees(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per UTC day and currency: gross charges net of capture adjustments, refunds net of reversals,
+    the refund rate of that day, lost disputes counted on the day they closed, and all fees."""
+    await _seed(settings.database_url)
+    document = json.loads(await _report(settings, capsys, "json", since=SINCE, currency=None))
+    rows = {(r["day"], r["currency"]): r for r in document["summary"]}
+    usd = rows[("2026-03-01", "usd")]
+    assert (usd["gross_charges"], usd["refunds"], usd["refund_rate"], usd["fees"]) == (
+        "100.00",
+        "-25.00",
+        "25.00",
+        "-3.20",
+    )
+    kwd = rows[("2026-03-01", "kwd")]
+    assert (kwd["gross_charges"], kwd["refund_rate"], kwd["net"]) == ("20.005", "0.00", "20.005")
+    assert rows[("2026-03-02", "jpy")]["refund_rate"] is None  # refunds, but no charges that day
+    lost = rows[("2026-03-04", "kwd")]
+    assert (lost["chargebacks"], lost["chargeback_amount"], lost["gross_charges"]) == (1, "20.005", "0.000")
+    assert rows[("2026-03-03", "usd")]["fees"] == "-15.00"
+    table = await _report(settings, capsys, "table", since=SINCE, currency="usd")
+    assert "25.00%" in table and "GROSS CHARGES" in table

@@ -1,10 +1,13 @@
 """``recon report``: the finance summary, read from the ``finance`` views only.
 
-* refunds, refund reversals and dispute movements by UTC day of ``occurred_at`` and currency;
+* the summary finance asks for first, by UTC day and currency: gross charges (charge rows with
+  their capture adjustments), refunds net of reversals, the refund rate, dispute movements,
+  chargebacks (disputes closed lost that day, by count and amount), fees (dispute and processing);
+* every non-charge row kind by UTC day of ``occurred_at`` and currency;
 * open disputes, soonest evidence deadline first;
 * open exceptions by kind.
 
-``--since`` limits the movements (money that moved on or after it); open disputes and open
+``--since`` limits the summary and the movements (money that moved on or after it); open disputes and open
 exceptions are current state and always listed in full. ``--currency`` limits movements and
 disputes. Amounts are summed as the views' exact ``amount_decimal`` (numeric, never float).
 """
@@ -18,6 +21,46 @@ import asyncpg
 
 from worker.ops.report_render import Column, Section, as_csv, as_json, as_table
 from worker.settings import Settings
+
+# A chargeback is a dispute that closed lost: counted on the UTC day it closed, in its currency.
+# The refund rate is refunds (net of reversals) over gross charges of the same day and currency.
+_SUMMARY_SQL = """
+with money as (
+    select (occurred_at at time zone 'UTC')::date as day, currency,
+           coalesce(sum(amount_decimal) filter (where kind in ('charge', 'capture_adjustment')),
+                    finance.major_units(0, currency)) as gross_charges,
+           coalesce(sum(amount_decimal) filter (where kind in ('refund', 'refund_reversal')),
+                    finance.major_units(0, currency)) as refunds,
+           coalesce(sum(amount_decimal)
+                        filter (where kind in ('dispute_withdrawal', 'dispute_reinstatement')),
+                    finance.major_units(0, currency)) as dispute_movements,
+           coalesce(sum(amount_decimal) filter (where kind in ('dispute_fee', 'processing_fee')),
+                    finance.major_units(0, currency)) as fees,
+           sum(amount_decimal) as net
+    from finance.ledger
+    where ($1::timestamptz is null or occurred_at >= $1) and ($2::text is null or currency = $2)
+    group by 1, 2
+), lost as (
+    select (closed_at at time zone 'UTC')::date as day, currency, count(*) as chargebacks,
+           sum(finance.major_units(amount, currency)) as chargeback_amount
+    from finance.disputes
+    where status = 'lost' and closed_at is not null
+      and ($1::timestamptz is null or closed_at >= $1) and ($2::text is null or currency = $2)
+    group by 1, 2
+)
+select day, currency,
+       coalesce(m.gross_charges, finance.major_units(0, currency)) as gross_charges,
+       coalesce(m.refunds, finance.major_units(0, currency)) as refunds,
+       case when m.gross_charges > 0 then round(100 * -m.refunds / m.gross_charges, 2) end as refund_rate,
+       coalesce(m.dispute_movements, finance.major_units(0, currency)) as dispute_movements,
+       coalesce(l.chargebacks, 0) as chargebacks,
+       coalesce(l.chargeback_amount, finance.major_units(0, currency)) as chargeback_amount,
+       coalesce(m.fees, finance.major_units(0, currency)) as fees,
+       coalesce(m.net, finance.major_units(0, currency)) as net
+from money m
+full join lost l using (day, currency)
+order by day, currency
+"""
 
 # Signed sums per kind, exactly as booked; a day and currency with no movement of some kind
 # shows that kind as zero at the currency's scale (major_units(0, currency)).
@@ -34,6 +77,10 @@ select (occurred_at at time zone 'UTC')::date as day,
                 finance.major_units(0, currency)) as dispute_fees,
        coalesce(sum(amount_decimal) filter (where kind = 'dispute_reinstatement'),
                 finance.major_units(0, currency)) as dispute_reinstatements,
+       coalesce(sum(amount_decimal) filter (where kind = 'capture_adjustment'),
+                finance.major_units(0, currency)) as capture_adjustments,
+       coalesce(sum(amount_decimal) filter (where kind = 'processing_fee'),
+                finance.major_units(0, currency)) as processing_fees,
        sum(amount_decimal) as net
 from finance.ledger
 where kind <> 'charge'
@@ -59,6 +106,18 @@ group by kind
 order by kind
 """
 
+SUMMARY_COLUMNS = (
+    Column("day", "DAY (UTC)", "day"),
+    Column("currency", "CUR"),
+    Column("gross_charges", "GROSS CHARGES", "money"),
+    Column("refunds", "REFUNDS", "money"),
+    Column("refund_rate", "REFUND RATE", "percent"),
+    Column("dispute_movements", "DISPUTE MOVEMENTS", "money"),
+    Column("chargebacks", "CHARGEBACKS", "count"),
+    Column("chargeback_amount", "CHARGED BACK", "money"),
+    Column("fees", "FEES", "money"),
+    Column("net", "NET", "money"),
+)
 MOVEMENT_COLUMNS = (
     Column("day", "DAY (UTC)", "day"),
     Column("currency", "CUR"),
@@ -67,6 +126,8 @@ MOVEMENT_COLUMNS = (
     Column("dispute_withdrawals", "DISPUTE WITHDRAWALS", "money"),
     Column("dispute_fees", "DISPUTE FEES", "money"),
     Column("dispute_reinstatements", "DISPUTE REINSTATEMENTS", "money"),
+    Column("capture_adjustments", "CAPTURE ADJUSTMENTS", "money"),
+    Column("processing_fees", "PROCESSING FEES", "money"),
     Column("net", "NET", "money"),
 )
 DISPUTE_COLUMNS = (
@@ -92,13 +153,20 @@ async def load_sections(
 ) -> list[Section]:
     # UTC on this connection so timestamps print as UTC whatever the server's default is.
     await con.execute("set time zone 'UTC'")
+    summary = await con.fetch(_SUMMARY_SQL, since, currency)
     movements = await con.fetch(_MOVEMENTS_SQL, since, currency)
     disputes = await con.fetch(_OPEN_DISPUTES_SQL, currency)
     exceptions = await con.fetch(_OPEN_EXCEPTIONS_SQL)
     return [
         Section(
+            "summary",
+            "Summary by day (UTC) and currency: gross charges, refunds, chargebacks, fees",
+            SUMMARY_COLUMNS,
+            [dict(r) for r in summary],
+        ),
+        Section(
             "movements",
-            "Refunds and dispute movements by day (UTC) and currency",
+            "Every movement but charges, by kind, day (UTC) and currency",
             MOVEMENT_COLUMNS,
             [dict(r) for r in movements],
         ),

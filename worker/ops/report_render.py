@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from worker.ops.text_table import render_table
 
-ColumnKind = Literal["text", "money", "count", "moment", "day", "flag"]
+ColumnKind = Literal["text", "money", "percent", "count", "moment", "day", "flag"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ def _plain(value: Any, kind: ColumnKind) -> Any:
     """A JSON-ready value: money as an exact decimal string, times as ISO 8601."""
     if value is None:
         return None
-    if kind == "money":
+    if kind in ("money", "percent"):
         return format(Decimal(value), "f")
     if isinstance(value, datetime | date):
         return value.isoformat()
@@ -51,6 +51,8 @@ def _table_cell(value: Any, kind: ColumnKind) -> str:
         return ""
     if kind == "money":
         return format(Decimal(value), ",f")
+    if kind == "percent":
+        return f"{Decimal(value):f}%"
     if kind == "moment":
         return str(value.astimezone(UTC).strftime("%Y-%m-%d %H:%M"))
     if kind == "flag":
@@ -63,7 +65,7 @@ def as_table(sections: list[Section], heading: str) -> str:
     for section in sections:
         headers = [c.header for c in section.columns]
         rows = [[_table_cell(row[c.key], c.kind) for c in section.columns] for row in section.rows]
-        right = [c.kind in ("money", "count") for c in section.columns]
+        right = [c.kind in ("money", "percent", "count") for c in section.columns]
         body = render_table(headers, rows, right_aligned=right) if rows else "(none)"
         parts.append(f"{section.title}\n{body}")
     return "\n\n".join(parts)

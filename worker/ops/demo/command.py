@@ -1,5 +1,6 @@
 """``recon demo``: seed sample orders and invoices, send signed webhooks to a running receiver,
-wait until the worker has processed them, and print the ledger rows and balances they produced.
+wait until the worker has processed them, and print the ledger rows and the payments', orders' and
+invoices' balances they produced.
 
 Needs a running ``recon run`` (or receiver + worker) on the same database and broker. Every run
 uses fresh order/invoice numbers and Stripe ids, so it can be run again and again.
@@ -18,7 +19,7 @@ import aiohttp
 import asyncpg
 import stripe
 
-from worker.ops.demo.story import Owner, Scenario, Send, build_story
+from worker.ops.demo.story import Payment, Scenario, Send, build_story
 from worker.ops.report_render import Column, Section, as_table
 from worker.settings import Settings, SettingsError
 
@@ -48,7 +49,30 @@ select coalesce(order_number, invoice_number) as owner, stripe_charge_id, curren
        status, disputed, dispute_status
 from finance.payment_balances
 where order_number = any($1::text[]) or invoice_number = any($1::text[])
-order by array_position($1::text[], coalesce(order_number, invoice_number))
+order by array_position($1::text[], coalesce(order_number, invoice_number)),
+         array_position($2::text[], stripe_charge_id)
+"""
+
+# Orders and invoices side by side: their status and disputed flag come from all their payments.
+_OWNER_BALANCES_SQL = """
+select owner, currency,
+       finance.major_units(amount_total, currency) as amount_total,
+       finance.major_units(captured, currency) as captured,
+       finance.major_units(refunded, currency) as refunded,
+       finance.major_units(refundable_now, currency) as refundable_now,
+       finance.major_units(balance_due, currency) as balance_due,
+       status, disputed
+from (
+    select order_number as owner, currency, amount_total, captured, refunded, refundable_now,
+           balance_due, status, disputed
+    from finance.order_balances
+    union all
+    select invoice_number, currency, amount_total, captured, refunded, refundable_now,
+           balance_due, status, disputed
+    from finance.invoice_balances
+) balances
+where owner = any($1::text[])
+order by array_position($1::text[], owner)
 """
 
 LEDGER_COLUMNS = (
@@ -69,6 +93,17 @@ BALANCE_COLUMNS = (
     Column("status", "STATUS"),
     Column("disputed", "DISPUTED", "flag"),
     Column("dispute_status", "DISPUTE"),
+)
+OWNER_BALANCE_COLUMNS = (
+    Column("owner", "ORDER / INVOICE"),
+    Column("currency", "CUR"),
+    Column("amount_total", "TOTAL", "money"),
+    Column("captured", "CAPTURED", "money"),
+    Column("refunded", "REFUNDED", "money"),
+    Column("refundable_now", "REFUNDABLE NOW", "money"),
+    Column("balance_due", "BALANCE DUE", "money"),
+    Column("status", "STATUS"),
+    Column("disputed", "DISPUTED", "flag"),
 )
 
 
@@ -93,29 +128,43 @@ def target_for(settings: Settings, base_url: str | None) -> Target:
     return Target(f"{base_url.rstrip('/')}/webhooks/stripe", settings.webhook_secrets[0])
 
 
+_INSERT_PAYMENT_SQL = """
+insert into recon.payments (stripe_charge_id, stripe_payment_intent_id, order_id, invoice_id, method,
+                            currency, amount)
+values ($1, $2, $3, $4, $5, $6, $7)
+"""
+
+
+async def _seed_payment(con: asyncpg.Connection, scenario: Scenario, owner_id: int, payment: Payment) -> None:
+    """The host's payment row, for the authorised amount; none when it is left to the metadata."""
+    if payment.recorded_by == "metadata":
+        return
+    on_order = scenario.owner.kind == "order"
+    charge = payment.charge
+    await con.execute(
+        _INSERT_PAYMENT_SQL,
+        charge.charge_id if payment.recorded_by == "charge_id" else None,
+        charge.payment_intent_id,
+        owner_id if on_order else None,
+        None if on_order else owner_id,
+        "stripe_card" if on_order else "stripe_link",
+        charge.currency,
+        charge.amount,
+    )
+
+
 async def _seed_owner(con: asyncpg.Connection, scenario: Scenario) -> None:
-    """The host application's rows: the order or invoice, and the payment unless left to metadata."""
-    owner, charge = scenario.owner, scenario.charge
+    """The host application's rows: the order or invoice, and its payments."""
+    owner = scenario.owner
     table_sql = (
         "insert into recon.orders (number, currency, amount_total) values ($1, $2, $3) returning id"
         if owner.kind == "order"
         else "insert into recon.invoices (number, currency, amount_total, bill_to)"
         " values ($1, $2, $3, 'Demo Customer Ltd') returning id"
     )
-    owner_id = await con.fetchval(table_sql, owner.number, charge.currency, charge.amount)
-    if owner.recorded_by == "metadata":
-        return
-    await con.execute(
-        "insert into recon.payments (stripe_charge_id, stripe_payment_intent_id, order_id, invoice_id,"
-        " method, currency, amount) values ($1, $2, $3, $4, $5, $6, $7)",
-        charge.charge_id if owner.recorded_by == "charge_id" else None,
-        charge.payment_intent_id,
-        owner_id if owner.kind == "order" else None,
-        owner_id if owner.kind == "invoice" else None,
-        "stripe_card" if owner.kind == "order" else "stripe_link",
-        charge.currency,
-        charge.amount,
-    )
+    owner_id = await con.fetchval(table_sql, owner.number, owner.currency, owner.amount_total)
+    for payment in scenario.payments:
+        await _seed_payment(con, scenario, owner_id, payment)
 
 
 async def seed(con: asyncpg.Connection, story: list[Scenario]) -> None:
@@ -158,21 +207,30 @@ async def play(
     """Deliver each scenario's webhooks in order, each one processed before the next is sent."""
     deadline = time.monotonic() + DEADLINE_S
     for scenario in story:
-        print(f"\n{scenario.title}\n  {scenario.owner.kind} {scenario.owner.number}")
+        charges = ", ".join(payment.charge.charge_id for payment in scenario.payments)
+        print(f"\n{scenario.title}\n  {scenario.owner.kind} {scenario.owner.number}, paid by {charges}")
         for send in scenario.sends:
             await deliver(http, target, send)
             outcome = await wait_settled(con, str(send.event["id"]), deadline)
             print(f"  {send.event['type']:<32} {send.label:<44} -> {outcome}")
 
 
-async def results(con: asyncpg.Connection, owners: list[Owner]) -> str:
-    numbers = [owner.number for owner in owners]
+async def results(con: asyncpg.Connection, story: list[Scenario]) -> str:
+    numbers = [scenario.owner.number for scenario in story]
+    charge_ids = [payment.charge.charge_id for scenario in story for payment in scenario.payments]
     await con.execute("set time zone 'UTC'")
     ledger = [dict(r) for r in await con.fetch(_LEDGER_SQL, numbers)]
-    balances = [dict(r) for r in await con.fetch(_BALANCES_SQL, numbers)]
+    balances = [dict(r) for r in await con.fetch(_BALANCES_SQL, numbers, charge_ids)]
+    owner_balances = [dict(r) for r in await con.fetch(_OWNER_BALANCES_SQL, numbers)]
     sections = [
         Section("ledger", "Ledger rows (finance.ledger)", LEDGER_COLUMNS, ledger),
         Section("payment_balances", "Payment balances (finance.payment_balances)", BALANCE_COLUMNS, balances),
+        Section(
+            "owner_balances",
+            "Order and invoice balances (finance.order_balances, finance.invoice_balances)",
+            OWNER_BALANCE_COLUMNS,
+            owner_balances,
+        ),
     ]
     return as_table(sections, "\nResult; amounts in major units")
 
@@ -194,7 +252,7 @@ async def run_demo(settings: Settings, *, base_url: str | None) -> int:
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             await play(con, http, target, story)
-        print(await results(con, [scenario.owner for scenario in story]))
+        print(await results(con, story))
     except DemoFailed as exc:
         print(f"recon: error: {exc}", file=sys.stderr)
         return 1

@@ -62,18 +62,27 @@ def refund_object(
     return refund
 
 
-def charge_object(charge: DemoCharge, refunds: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The charge, captured in full, with ``refunds`` embedded newest first as Stripe lists them."""
-    amount_refunded = sum(r["amount"] for r in refunds if r["status"] in ("pending", "succeeded"))
+def charge_object(
+    charge: DemoCharge, refunds: Sequence[dict[str, Any]] = (), *, amount_captured: int | None = None
+) -> dict[str, Any]:
+    """The charge with ``refunds`` embedded newest first as Stripe lists them.
+
+    Captured in full unless ``amount_captured`` says otherwise; 0 is an authorisation not captured
+    yet. Like Stripe, ``amount_refunded`` counts the uncaptured remainder a partial capture released.
+    """
+    captured = charge.amount if amount_captured is None else amount_captured
+    released = charge.amount - captured if captured else 0
+    live_refunds = sum(r["amount"] for r in refunds if r["status"] in ("pending", "succeeded"))
+    amount_refunded = released + live_refunds
     return {
         "id": charge.charge_id,
         "object": "charge",
         "amount": charge.amount,
-        "amount_captured": charge.amount,
+        "amount_captured": captured,
         "amount_refunded": amount_refunded,
         "balance_transaction": f"txn_for_{charge.charge_id}",
         "billing_details": {"email": None, "name": "Demo Customer", "phone": None},
-        "captured": True,
+        "captured": captured > 0,
         "created": charge.created,
         "currency": charge.currency,
         "description": "stripe-recon demo",

@@ -1,9 +1,10 @@
-"""What ``recon demo`` plays: five payments and the webhooks Stripe would send about them.
+"""What ``recon demo`` plays: seven orders and invoices and the webhooks Stripe would send about them.
 
-Each scenario is an order or invoice the host application records, how it records the payment
-(by charge id, by payment intent id, or not at all so the worker matches the charge's metadata),
-and the deliveries in the order they reach the receiver. Event ``created`` times follow the real
-story; delivery order deliberately does not always (the lost dispute arrives closing-first).
+Each scenario is an order or invoice the host application records, its payments (one or more) and
+how it records each (by charge id, by payment intent id, or not at all so the worker matches the
+charge's metadata), and the deliveries in the order they reach the receiver. Event ``created``
+times follow the real story; delivery order deliberately does not always (the lost dispute arrives
+closing-first).
 """
 
 from __future__ import annotations
@@ -32,8 +33,19 @@ EVIDENCE_WINDOW_S = 7 * 86_400
 
 @dataclass(frozen=True, slots=True)
 class Owner:
+    """The order or invoice as the host application records it (minor units)."""
+
     kind: OwnerKind
     number: str
+    currency: str
+    amount_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    """One Stripe charge paying the owner, and how the host application recorded it."""
+
+    charge: DemoCharge
     recorded_by: RecordedBy
 
 
@@ -48,7 +60,7 @@ class Send:
 class Scenario:
     title: str
     owner: Owner
-    charge: DemoCharge
+    payments: tuple[Payment, ...]  # in the order they were made
     sends: tuple[Send, ...]
 
 
@@ -64,9 +76,15 @@ class _Ids:
         return Send(label, event(event_type, obj, event_id=self("evt"), created=created), copies)
 
 
-def _charge(ids: _Ids, owner: Owner, amount: int, currency: str, created: int) -> DemoCharge:
+def _charge(ids: _Ids, owner: Owner, amount: int, created: int) -> DemoCharge:
+    """A charge of ``amount`` (authorised) in the owner's currency, its metadata naming the owner."""
     key = "order_number" if owner.kind == "order" else "invoice_number"
-    return DemoCharge(ids("ch"), ids("pi"), amount, currency, created, {key: owner.number})
+    return DemoCharge(ids("ch"), ids("pi"), amount, owner.currency, created, {key: owner.number})
+
+
+def _paid_in_full(ids: _Ids, owner: Owner, recorded_by: RecordedBy, created: int) -> Payment:
+    """The one payment of an owner that was paid at once, in full."""
+    return Payment(_charge(ids, owner, owner.amount_total, created), recorded_by)
 
 
 def _paid(ids: _Ids, charge: DemoCharge) -> Send:
@@ -74,15 +92,16 @@ def _paid(ids: _Ids, charge: DemoCharge) -> Send:
 
 
 def partial_refunds(ids: _Ids, number: str, t: int) -> Scenario:
-    owner = Owner("order", number, "charge_id")
-    charge = _charge(ids, owner, 12_000, "usd", t)
+    owner = Owner("order", number, "usd", 12_000)
+    payment = _paid_in_full(ids, owner, "charge_id", t)
+    charge = payment.charge
     first = refund_object(charge, ids("re"), 2_000, created=t + 60)
     second = refund_object(charge, ids("re"), 3_000, created=t + 120)
     both = charge_object(charge, [first, second])
     return Scenario(
         "Two partial refunds; the second webhook is delivered twice at once",
         owner,
-        charge,
+        (payment,),
         (
             _paid(ids, charge),
             ids.send("partial refund", "charge.refunded", charge_object(charge, [first]), t + 60),
@@ -94,13 +113,14 @@ def partial_refunds(ids: _Ids, number: str, t: int) -> Scenario:
 
 
 def dashboard_full_refund(ids: _Ids, number: str, t: int) -> Scenario:
-    owner = Owner("order", number, "charge_id")
-    charge = _charge(ids, owner, 110_000, "jpy", t)
+    owner = Owner("order", number, "jpy", 110_000)
+    payment = _paid_in_full(ids, owner, "charge_id", t)
+    charge = payment.charge
     full = refund_object(charge, ids("re"), 110_000, created=t + 90)
     return Scenario(
         "A zero-decimal currency refunded in full from the Dashboard",
         owner,
-        charge,
+        (payment,),
         (
             _paid(ids, charge),
             ids.send("full refund", "charge.refunded", charge_object(charge, [full]), t + 90),
@@ -109,14 +129,15 @@ def dashboard_full_refund(ids: _Ids, number: str, t: int) -> Scenario:
 
 
 def failed_refund(ids: _Ids, number: str, t: int) -> Scenario:
-    owner = Owner("invoice", number, "metadata")
-    charge = _charge(ids, owner, 8_000, "eur", t)
+    owner = Owner("invoice", number, "eur", 8_000)
+    payment = _paid_in_full(ids, owner, "metadata", t)
+    charge = payment.charge
     pending = refund_object(charge, ids("re"), 2_500, status="pending", created=t + 60)
     failed = {**pending, "status": "failed", "failure_reason": "expired_or_canceled_card"}
     return Scenario(
         "A refund that fails after it was booked (payment matched by invoice number in metadata)",
         owner,
-        charge,
+        (payment,),
         (
             _paid(ids, charge),
             ids.send("refund pending", "charge.refunded", charge_object(charge, [pending]), t + 60),
@@ -132,9 +153,10 @@ def _dispute_txn(ids: _Ids, dispute_id: str, *, settled: int, fee: int, created:
     )
 
 
-def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
-    owner = Owner("order", number, "charge_id")
-    charge = _charge(ids, owner, 4_500, "usd", t)
+def chargeback_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
+    owner = Owner("order", number, "usd", 4_500)
+    payment = _paid_in_full(ids, owner, "charge_id", t)
+    charge = payment.charge
     dispute_id, opened = ids("dp"), t + 3_600
     withdrawn = [_dispute_txn(ids, dispute_id, settled=-4_500, fee=DISPUTE_FEE, created=opened)]
 
@@ -149,9 +171,10 @@ def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
         )
 
     return Scenario(
-        "A dispute that is lost, its webhooks arriving newest first",
+        "A chargeback: the dispute is lost (webhooks arrive newest first);"
+        " the payment and the order end charged_back",
         owner,
-        charge,
+        (payment,),
         (
             _paid(ids, charge),
             ids.send(
@@ -171,8 +194,9 @@ def lost_dispute_out_of_order(ids: _Ids, number: str, t: int) -> Scenario:
 
 
 def won_dispute(ids: _Ids, number: str, t: int) -> Scenario:
-    owner = Owner("invoice", number, "payment_intent")
-    charge = _charge(ids, owner, 20_000, "gbp", t)
+    owner = Owner("invoice", number, "gbp", 20_000)
+    payment = _paid_in_full(ids, owner, "payment_intent", t)
+    charge = payment.charge
     dispute_id, opened, reinstated = ids("dp"), t + 3_600, t + 5_400
     # GBP 200.00 settles as USD 254.00 on the demo's USD account; the fee is charged in USD.
     withdrawal = _dispute_txn(ids, dispute_id, settled=-25_400, fee=DISPUTE_FEE, created=opened)
@@ -192,7 +216,7 @@ def won_dispute(ids: _Ids, number: str, t: int) -> Scenario:
     return Scenario(
         "A dispute that is won: funds and fee come back (payment matched by payment intent)",
         owner,
-        charge,
+        (payment,),
         (
             _paid(ids, charge),
             ids.send(
@@ -209,13 +233,61 @@ def won_dispute(ids: _Ids, number: str, t: int) -> Scenario:
     )
 
 
+def split_payment(ids: _Ids, number: str, t: int) -> Scenario:
+    owner = Owner("order", number, "usd", 15_000)
+    first = Payment(_charge(ids, owner, 9_000, t), "charge_id")
+    second = Payment(_charge(ids, owner, 6_000, t + 5), "payment_intent")
+    refund = refund_object(second.charge, ids("re"), 6_000, created=t + 120)
+    return Scenario(
+        "A split payment: one order paid by two cards, one payment refunded in full;"
+        " the order ends partially_refunded",
+        owner,
+        (first, second),
+        (
+            _paid(ids, first.charge),
+            _paid(ids, second.charge),
+            ids.send(
+                "second card refunded in full",
+                "charge.refunded",
+                charge_object(second.charge, [refund]),
+                t + 120,
+            ),
+        ),
+    )
+
+
+def partial_capture(ids: _Ids, number: str, t: int) -> Scenario:
+    # One item was out of stock: the shop lowered the order to 60.00 and captured only that much of
+    # the 100.00 authorised; the host app recorded the payment for the authorised amount.
+    owner = Owner("order", number, "usd", 6_000)
+    authorised = Payment(_charge(ids, owner, 10_000, t), "charge_id")
+    charge = authorised.charge
+    return Scenario(
+        "A partial capture: 100.00 authorised, 60.00 captured; a capture_adjustment brings"
+        " the charge rows to the captured amount",
+        owner,
+        (authorised,),
+        (
+            ids.send("card authorised", "charge.succeeded", charge_object(charge, amount_captured=0), t),
+            ids.send(
+                "60.00 captured, 40.00 released",
+                "charge.captured",
+                charge_object(charge, amount_captured=6_000),
+                t + 1_800,
+            ),
+        ),
+    )
+
+
 def build_story(tag: str, start: int) -> list[Scenario]:
-    """The five scenarios of one demo run; ``tag`` makes every number and id unique to the run."""
+    """The seven scenarios of one demo run; ``tag`` makes every number and id unique to the run."""
     ids = _Ids(tag)
     return [
         partial_refunds(ids, f"DEMO-{tag}-1", start),
         dashboard_full_refund(ids, f"DEMO-{tag}-2", start + 10),
         failed_refund(ids, f"INV-DEMO-{tag}-3", start + 20),
-        lost_dispute_out_of_order(ids, f"DEMO-{tag}-4", start + 30),
+        chargeback_out_of_order(ids, f"DEMO-{tag}-4", start + 30),
         won_dispute(ids, f"INV-DEMO-{tag}-5", start + 40),
+        split_payment(ids, f"DEMO-{tag}-6", start + 50),
+        partial_capture(ids, f"DEMO-{tag}-7", start + 60),
     ]

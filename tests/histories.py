@@ -1,10 +1,13 @@
 """Hypothesis strategies for TRUE charge histories (tests.model) and the events Stripe sends for them.
 
-A history is several charges, some created in the same second, each authorised and maybe
-captured (in full or in part), expired, refunded in parts (refunds that stay pending, succeed,
-fail later or wait on the customer and get canceled) and disputed (inquiries, won, lost,
-appealed). ``render`` turns one charge's steps into the webhook events Stripe would send, in
-the payload style of the endpoint's API version:
+A history is a few orders and invoices, each paid by one to three charges (in the owner's
+currency), some created in the same second. Each charge is authorised and maybe captured (in
+full or in part), left authorised, or expired; refunded in parts (refunds that stay pending,
+succeed, fail later — sometimes days later — or wait on the customer and get canceled) and
+disputed (inquiries, won, lost, appealed). The host app records some payments (by charge or
+payment intent) and leaves others to be met through metadata; partial captures, authorisations
+and expiries occur for both. ``render`` turns one charge's steps into the webhook events Stripe
+would send, in the payload style of the endpoint's API version:
 
 * ``old`` (before 2022-11-15): ``charge.refunded`` embeds ``charge.refunds`` with every refund
   so far; a later status change comes as ``charge.refund.updated``.
@@ -12,6 +15,8 @@ the payload style of the endpoint's API version:
   ``refund.failed`` for every refund, ``charge.refund.updated`` too, and ``charge.refunded`` as a
   checkpoint carrying only ``amount_refunded``.
 
+An expiry is ``charge.expired`` (the charge uncaptured, its authorisation released as a refund
+with reason ``expired_uncaptured_charge``), sometimes followed by the release's own events.
 Each event's ``created`` is the second its step happened: steps of one charge, and of different
 charges, often share a second, as on Stripe.
 """
@@ -19,7 +24,8 @@ charges, often share a second, as on Stripe.
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from hypothesis import strategies as st
 
@@ -30,6 +36,7 @@ from tests.model import (
     Capture,
     Charge,
     DisputeStep,
+    Expire,
     RefundStep,
     Step,
     Txn,
@@ -41,6 +48,9 @@ EXPIRY_S = 7 * 86_400  # an uncaptured authorisation expires after 7 days
 CURRENCIES = ("usd", "eur", "jpy", "kwd")  # two-, zero- and three-decimal
 API_VERSIONS = {"old": "2020-08-27", "new": "2024-10-28.acacia"}
 DISPUTE_FEE = 1500
+LATE_FAILURE_S = 3 * 86_400  # a refund the bank turns down days after it was sent
+# How an authorisation ends: captured at once, captured later in full or in part, still open, expired.
+CAPTURES = ("auto", "manual", "partial", "auth_only", "expired")
 REFUND_PATHS = (
     ("succeeded",),
     ("pending", "succeeded"),
@@ -83,6 +93,8 @@ def _refund_threads(draw: Any, n: int, captured: int, start: int) -> list[list[S
         at = start + draw(st.integers(0, 3))
         thread: list[Step] = []
         for status in draw(st.sampled_from(REFUND_PATHS)):
+            if status == "failed" and draw(st.booleans()):
+                at += LATE_FAILURE_S  # the bank turns it down days later: another reporting day
             thread.append(RefundStep(at, f"re_{n}r{i}", amount, status, "requested_by_customer"))
             at += draw(st.integers(0, 2))
         threads.append(thread)
@@ -114,21 +126,18 @@ def _dispute_thread(draw: Any, n: int, currency: str, amount: int, start: int) -
     return thread
 
 
-@st.composite
-def charges(draw: Any, n: int, base: int) -> Charge:
-    """One charge's true history; ``n`` makes its ids unique within a scenario."""
-    currency = draw(st.sampled_from(CURRENCIES))
-    amount = draw(st.integers(10, 400)) * 100
-    recorded = draw(st.sampled_from(("charge", "payment_intent", "metadata")))
-    # The host app records payments it has taken; authorisations that are only partly captured,
-    # never captured or expired are met through metadata (the contract's charge row for a host
-    # payment is its recorded amount, which presumes the whole amount was taken).
-    captures = ("auto", "manual")
-    if recorded == "metadata":
-        captures += ("partial", "auth_only", "expired")
-    capture = draw(st.sampled_from(captures))
-    owner = draw(st.sampled_from(("order", "invoice")))
-    at = base + draw(st.integers(0, 2))
+@dataclass(frozen=True)
+class Owner:
+    """What the charges of one order or invoice share."""
+
+    kind: Literal["order", "invoice"]
+    number: str
+    currency: str
+    rejected: bool
+
+
+def _capture_steps(draw: Any, n: int, amount: int, at: int, capture: str) -> tuple[list[Step], int, int]:
+    """The authorisation and what became of it: (steps, amount captured, second of the last step)."""
     steps: list[Step] = [Authorise(at, captured=capture == "auto")]
     captured = amount if capture == "auto" else 0
     if capture in ("manual", "partial"):
@@ -136,20 +145,30 @@ def charges(draw: Any, n: int, base: int) -> Charge:
         captured = amount if capture == "manual" else draw(st.integers(1, amount - 1))
         steps.append(Capture(at, captured))
     elif capture == "expired":
-        steps.append(RefundStep(at + EXPIRY_S, f"re_{n}x", amount, "succeeded", RELEASE_REASON))
+        steps.append(Expire(at + EXPIRY_S, f"re_{n}x", announce_release=draw(st.booleans())))
+    return steps, captured, at
+
+
+@st.composite
+def charges(draw: Any, n: int, base: int, owner: Owner) -> Charge:
+    """One charge's true history; ``n`` makes its ids unique within a scenario."""
+    amount = draw(st.integers(10, 400)) * 100
+    recorded = draw(st.sampled_from(("charge", "payment_intent", "metadata")))
+    capture = draw(st.sampled_from(CAPTURES))
+    steps, captured, at = _capture_steps(draw, n, amount, base + draw(st.integers(0, 2)), capture)
     threads = draw(_refund_threads(n, captured, at)) if captured else []
     if captured and draw(st.integers(0, 2)) == 0:
-        threads.append(draw(_dispute_thread(n, currency, captured, at)))
+        threads.append(draw(_dispute_thread(n, owner.currency, captured, at)))
     steps += _merge(threads, draw)
     return Charge(
         id=f"ch_3Test{n:04d}",
         payment_intent=f"pi_3Test{n:04d}",
-        currency=currency,
+        currency=owner.currency,
         amount=amount,
         recorded=recorded,
-        owner=owner,
-        number=f"{'ORD' if owner == 'order' else 'INV'}-{n:04d}",
-        rejected=owner == "order" and draw(st.integers(0, 4)) == 0,
+        owner=owner.kind,
+        number=owner.number,
+        rejected=owner.rejected,
         card_present=draw(st.booleans()),
         era=draw(st.sampled_from(("old", "new"))),
         # Endpoints may not subscribe to charge.succeeded; a host payment then meets its first
@@ -163,10 +182,25 @@ def charges(draw: Any, n: int, base: int) -> Charge:
 
 
 @st.composite
-def histories(draw: Any, max_charges: int = 4) -> list[Charge]:
-    """Several charges; their first seconds overlap so that events of different charges tie."""
-    count = draw(st.integers(1, max_charges))
-    return [draw(charges(n, T0 + draw(st.integers(0, 2)))) for n in range(count)]
+def owners(draw: Any, k: int, base: int) -> list[Charge]:
+    """Order or invoice ``k`` and the one to three charges that pay it."""
+    kind = draw(st.sampled_from(("order", "invoice")))
+    owner = Owner(
+        kind=kind,
+        number=f"{'ORD' if kind == 'order' else 'INV'}-{k:04d}",
+        currency=draw(st.sampled_from(CURRENCIES)),
+        rejected=kind == "order" and draw(st.integers(0, 4)) == 0,
+    )
+    count = draw(st.sampled_from((1, 1, 2, 2, 3)))
+    return [draw(charges(k * 10 + j, base + draw(st.integers(0, 2)), owner)) for j in range(count)]
+
+
+@st.composite
+def histories(draw: Any, max_owners: int = 3) -> list[Charge]:
+    """Several orders and invoices; their first seconds overlap so that events of different
+    charges (of one owner and of different owners) tie."""
+    count = draw(st.integers(1, max_owners))
+    return [charge for k in range(count) for charge in draw(owners(k, T0))]
 
 
 @st.composite
@@ -276,6 +310,23 @@ class _Render:
         self.captured, self.amount_captured = True, step.amount
         self.emit("charge.captured", self.charge_object(), step.at)
 
+    def expire(self, step: Expire) -> None:
+        """Stripe releases the authorisation (a refund of the whole amount with reason
+        expired_uncaptured_charge, counted in amount_refunded) and sends charge.expired."""
+        release = {
+            "id": step.release_id,
+            "amount": self.charge.amount,
+            "status": "succeeded",
+            "reason": RELEASE_REASON,
+            "created": step.at,
+        }
+        self.refunds[step.release_id] = release
+        self.emit("charge.expired", self.charge_object(), step.at)
+        if step.announce_release:
+            if self.charge.era == "new":
+                self.emit("refund.created", self.refund_object(release), step.at)
+            self.emit("charge.refunded", self.charge_object(), step.at)
+
     def refund(self, step: RefundStep) -> None:
         before = self.refunds.get(step.refund_id)
         refund = {
@@ -360,6 +411,8 @@ def render(charge: Charge, run_tag: str = "t") -> list[dict[str, Any]]:
             r.authorise(step)
         elif isinstance(step, Capture):
             r.capture(step)
+        elif isinstance(step, Expire):
+            r.expire(step)
         elif isinstance(step, RefundStep):
             r.refund(step)
         else:

@@ -30,15 +30,29 @@ from typing import Any
 import aio_pika
 import aiohttp
 import asyncpg
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from tests import servers
 from tests.conftest import _vhosts, free_port
 from tests.harness import events_settled, fetch, post_event, running, wait_until
-from tests.histories import deliveries, render_all
+from tests.histories import T0, deliveries, render_all
 from tests.histories import histories as history_strategy
-from tests.model import Charge, Expected, expected, ledger_differences
+from tests.model import (
+    Authorise,
+    Capture,
+    Charge,
+    DisputeStep,
+    Expected,
+    Expire,
+    RefundStep,
+    Step,
+    Txn,
+    date_differences,
+    expected,
+    ledger_differences,
+    owner_status,
+)
 from tests.stripe_events import TEST_SECRET
 from worker.amqp import topology
 from worker.settings import Settings
@@ -128,31 +142,46 @@ def _method(charge: Charge) -> str:
     return "stripe_link" if charge.owner == "invoice" else "stripe_card"
 
 
+async def _seed_owner(con: asyncpg.Connection, charges: list[Charge]) -> int:
+    """The order or invoice several charges pay: its total is what they were authorised for."""
+    first, total = charges[0], sum(c.amount for c in charges)
+    if first.owner == "order":
+        return int(
+            await con.fetchval(
+                "insert into recon.orders (number, currency, amount_total, buyer_email, status)"
+                " values ($1, $2, $3, $4, $5) returning id",
+                first.number,
+                first.currency,
+                total,
+                f"{first.number.lower()}@example.com",
+                "rejected" if first.rejected else "pending",
+            )
+        )
+    return int(
+        await con.fetchval(
+            "insert into recon.invoices (number, currency, amount_total, bill_to)"
+            " values ($1, $2, $3, $4) returning id",
+            first.number,
+            first.currency,
+            total,
+            f"{first.number.lower()}@example.com",
+        )
+    )
+
+
 async def seed_host_rows(database_url: str, history: list[Charge]) -> None:
-    """What the host app writes (the host tables): an order or invoice per charge, a payment if recorded."""
+    """What the host app writes (the host tables): each order or invoice once, a payment for each
+    of its charges the host recorded."""
+    by_owner: dict[str, list[Charge]] = {}
+    for c in history:
+        by_owner.setdefault(c.number, []).append(c)
     con = await asyncpg.connect(database_url)
     try:
-        for c in history:
-            if c.owner == "order":
-                owner_id = await con.fetchval(
-                    "insert into recon.orders (number, currency, amount_total, buyer_email, status)"
-                    " values ($1, $2, $3, $4, $5) returning id",
-                    c.number,
-                    c.currency,
-                    c.amount,
-                    f"{c.number.lower()}@example.com",
-                    "rejected" if c.rejected else "pending",
-                )
-            else:
-                owner_id = await con.fetchval(
-                    "insert into recon.invoices (number, currency, amount_total, bill_to)"
-                    " values ($1, $2, $3, $4) returning id",
-                    c.number,
-                    c.currency,
-                    c.amount,
-                    f"{c.number.lower()}@example.com",
-                )
-            if c.host_recorded:
+        for charges in by_owner.values():
+            owner_id = await _seed_owner(con, charges)
+            for c in charges:
+                if not c.host_recorded:
+                    continue
                 await con.execute(
                     "insert into recon.payments (stripe_charge_id, stripe_payment_intent_id, order_id,"
                     " invoice_id, method, currency, amount) values ($1, $2, $3, $4, $5, $6, $7)",
@@ -168,26 +197,42 @@ async def seed_host_rows(database_url: str, history: list[Charge]) -> None:
         await con.close()
 
 
+_OWNER_BALANCES = """
+select order_number as number, currency, amount_total, captured, refunded, refundable_now, net_amount,
+       balance_due, status, disputed
+from finance.order_balances
+union all
+select invoice_number, currency, amount_total, captured, refunded, refundable_now, net_amount,
+       balance_due, status, disputed
+from finance.invoice_balances
+"""
+
+
 async def read_outcome(database_url: str) -> dict[str, Any]:
     """Everything the comparison needs, read from what finance and the host app see."""
     ledger = await fetch(
-        database_url, "select kind, amount, currency, stripe_object_id, stripe_charge_id from finance.ledger"
+        database_url,
+        "select kind, amount, currency, stripe_object_id, stripe_charge_id,"
+        " extract(epoch from occurred_at)::bigint as occurred_at from finance.ledger",
     )
+    occurred: dict[tuple[str, str], list[int]] = {}
+    for r in ledger:
+        occurred.setdefault((r["kind"], r["stripe_object_id"]), []).append(int(r["occurred_at"]))
     return {
-        "ledger": [tuple(r) for r in ledger],
+        "ledger": [tuple(r)[:5] for r in ledger],
+        "occurred": occurred,
         "balances": {
             r["stripe_charge_id"]: dict(r)
             for r in await fetch(database_url, "select * from finance.payment_balances")
         },
-        "owners": {
-            r["number"]: (r["status"], r["disputed"])
+        "owners": {r["number"]: dict(r) for r in await fetch(database_url, _OWNER_BALANCES)},
+        "payments": await fetch(database_url, "select stripe_charge_id, method from recon.payments"),
+        "refunds": {
+            r["stripe_refund_id"]: (r["status"], r["failure_reason"])
             for r in await fetch(
-                database_url,
-                "select number, status, disputed from recon.orders union all "
-                "select number, payment_link_status, disputed from recon.invoices",
+                database_url, "select stripe_refund_id, status, failure_reason from finance.refunds"
             )
         },
-        "payments": await fetch(database_url, "select stripe_charge_id, method from recon.payments"),
         "events": {
             r["stripe_event_id"]: r["outcome"]
             for r in await fetch(database_url, "select stripe_event_id, outcome from finance.events")
@@ -212,6 +257,7 @@ def may_never_meet(event: dict[str, Any], exp: Expected) -> bool:
 
 
 def charge_differences(c: Charge, exp: Expected, got: dict[str, Any]) -> list[str]:
+    """finance.payment_balances and the payments row of one charge against the model."""
     problems = []
     want, have = exp.balances[c.id], got["balances"].get(c.id)
     if have is None:
@@ -219,28 +265,43 @@ def charge_differences(c: Charge, exp: Expected, got: dict[str, Any]) -> list[st
     for column, value in vars(want).items():
         if (value is not None or column == "dispute_status") and have[column] != value:
             problems.append(f"{c.id}: payment_balances.{column} = {have[column]!r}, model says {value!r}")
-    status, disputed = got["owners"][c.number]
-    if exp.statuses[c.number] is not None and status != exp.statuses[c.number]:
-        problems.append(f"{c.number}: status {status!r}, model says {exp.statuses[c.number]!r}")
-    if disputed != exp.disputed[c.number]:
-        problems.append(f"{c.number}: disputed {disputed}, model says {exp.disputed[c.number]}")
     methods = [p["method"] for p in got["payments"] if p["stripe_charge_id"] == c.id]
     if methods != [_method(c)]:
         problems.append(f"{c.id}: payments rows with methods {methods}, expected one {_method(c)!r}")
     return problems
 
 
-def differences(history: list[Charge], events: list[dict[str, Any]], got: dict[str, Any]) -> list[str]:
-    exp = expected(history)
-    problems = ledger_differences(exp, got["ledger"])
-    for c in history:
-        problems += charge_differences(c, exp, got)
-    never_meet = {e["id"] for e in events if may_never_meet(e, exp)}
-    for e in events:
-        outcome = got["events"].get(e["id"])
-        if outcome in ("applied", "duplicate", "stale") or (outcome == "mismatch" and e["id"] in never_meet):
+def owner_differences(exp: Expected, got: dict[str, Any]) -> list[str]:
+    """finance.order_balances / finance.invoice_balances (status and disputed included) against
+    the model, which sums all of an owner's payments (rule 5, section 6)."""
+    problems = []
+    for number, want in exp.owners.items():
+        have = got["owners"].get(number)
+        if have is None:
+            problems.append(f"{number}: no order_balances / invoice_balances row")
             continue
-        problems.append(f"{e['type']} {e['id']} ({e['data']['object']['id']}): outcome {outcome!r}")
+        for column, value in vars(want).items():
+            if have[column] != value:
+                problems.append(f"{number}: balances.{column} = {have[column]!r}, model says {value!r}")
+    return problems
+
+
+def refund_differences(exp: Expected, got: dict[str, Any]) -> list[str]:
+    """finance.refunds: every refund seen, with its final status and, once failed, Stripe's reason."""
+    problems = []
+    for refund_id, status in exp.refund_statuses.items():
+        want = (status, "lost_or_stolen_card" if status == "failed" else None)
+        if got["refunds"].get(refund_id) != want:
+            problems.append(
+                f"finance.refunds {refund_id}: {got['refunds'].get(refund_id)}, model says {want}"
+            )
+    return problems
+
+
+def exception_differences(exp: Expected, never_meet: set[str], got: dict[str, Any]) -> list[str]:
+    """No exception but one refund_failed per refund that ends failed (and a refund_mismatch
+    where rule 4 allows one)."""
+    problems = []
     failed_seen: list[str] = []
     for kind, event_id, object_id in got["exceptions"]:
         if kind == "refund_failed":
@@ -252,6 +313,24 @@ def differences(history: list[Charge], events: list[dict[str, Any]], got: dict[s
             f"refund_failed raised for {sorted(failed_seen)}, model says {sorted(exp.refund_failed)}"
         )
     return problems
+
+
+def differences(history: list[Charge], events: list[dict[str, Any]], got: dict[str, Any]) -> list[str]:
+    """Everything in which the finance views disagree with the model, in words."""
+    exp = expected(history)
+    problems = ledger_differences(exp, got["ledger"])
+    problems += date_differences(exp, got["occurred"])
+    for c in history:
+        problems += charge_differences(c, exp, got)
+    problems += owner_differences(exp, got)
+    problems += refund_differences(exp, got)
+    never_meet = {e["id"] for e in events if may_never_meet(e, exp)}
+    for e in events:
+        outcome = got["events"].get(e["id"])
+        if outcome in ("applied", "duplicate", "stale") or (outcome == "mismatch" and e["id"] in never_meet):
+            continue
+        problems.append(f"{e['type']} {e['id']} ({e['data']['object']['id']}): outcome {outcome!r}")
+    return problems + exception_differences(exp, never_meet, got)
 
 
 async def release_queues(s: Settings) -> None:
@@ -329,19 +408,111 @@ def scenarios(draw: Any) -> tuple[list[Charge], list[dict[str, Any]]]:
     return history, draw(deliveries(events))
 
 
+def _charge(n: int, number: str, *steps: Step, **overrides: Any) -> Charge:
+    """A charge of ``number`` (an order unless it starts with INV) for hand-written histories."""
+    fields: dict[str, Any] = {
+        "id": f"ch_3Hand{n:04d}",
+        "payment_intent": f"pi_3Hand{n:04d}",
+        "currency": "eur",
+        "amount": 1000,
+        "recorded": "charge",
+        "owner": "invoice" if number.startswith("INV") else "order",
+        "number": number,
+        "rejected": False,
+        "card_present": False,
+        "era": "new",
+        "announce_succeeded": True,
+        "dispute_id": f"dp_3Hand{n:04d}",
+        "dispute_reason": "fraudulent",
+        "dispute_amount": 1000,
+        "steps": steps,
+    }
+    fields.update(overrides)
+    return Charge(**fields)
+
+
+DAY = 86_400
+# Hand-written histories of the money-truth cases, run first whatever the example count.
+# ORD-A: a host payment captured in part and refunded in full, a metadata payment still paid,
+# a host payment that expired; INV-B: a lost dispute, appealed and lost again, beside a payment
+# whose refund fails three days later; ORD-C: one payment fully refunded, the other disputed and
+# lost, then won on appeal.
+_T = T0
+HAND_WRITTEN = (
+    [
+        _charge(
+            1,
+            "ORD-A",
+            Authorise(_T, False),
+            Capture(_T + 1, 600),
+            RefundStep(_T + 2, "re_h1", 600, "succeeded"),
+        ),
+        _charge(2, "ORD-A", Authorise(_T, True), recorded="metadata", era="old"),
+        _charge(
+            3, "ORD-A", Authorise(_T, False), Expire(_T + 7 * DAY, "re_h3x", True), recorded="payment_intent"
+        ),
+        _charge(
+            4,
+            "INV-B",
+            Authorise(_T, True),
+            DisputeStep(_T + 1, "created", "needs_response", (Txn("txn_h4dw", -1000, "eur", 1500),)),
+            DisputeStep(_T + 2, "closed", "lost"),
+            DisputeStep(_T + 3, "updated", "appeal_needs_response"),
+            DisputeStep(_T + 4, "closed", "lost"),
+            era="old",
+        ),
+        _charge(
+            5,
+            "INV-B",
+            Authorise(_T, True),
+            RefundStep(_T + 1, "re_h5", 300, "pending"),
+            RefundStep(_T + 3 * DAY, "re_h5", 300, "failed"),
+            RefundStep(_T + 3 * DAY + 1, "re_h5b", 200, "succeeded"),
+            era="old",
+            announce_succeeded=False,
+        ),
+    ],
+    [
+        _charge(6, "ORD-C", Authorise(_T, True), RefundStep(_T + 1, "re_h6", 1000, "succeeded")),
+        _charge(
+            7,
+            "ORD-C",
+            Authorise(_T, False),
+            Capture(_T + 1, 1000),
+            DisputeStep(_T + 1, "created", "needs_response", (Txn("txn_h7dw", -1000, "usd", 1500),)),
+            DisputeStep(_T + 2, "closed", "lost"),
+            DisputeStep(_T + 3, "updated", "appeal_needs_response"),
+            DisputeStep(_T + 4, "closed", "won", (Txn("txn_h7dr", 1000, "usd", -1500),)),
+            recorded="metadata",
+        ),
+    ],
+)
+
+
+def _adversarial(history: list[Charge]) -> tuple[list[Charge], list[dict[str, Any]]]:
+    """The history's events newest first, the first and the last of them delivered twice."""
+    events = render_all(history, run_tag=uuid.uuid4().hex[:8])
+    return history, [events[-1], *reversed(events), events[0]]
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
     phases=PHASES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+@example(scenario=_adversarial(HAND_WRITTEN[0]))
+@example(scenario=_adversarial(HAND_WRITTEN[1]))
 @given(scenario=scenarios())
 def test_any_delivery_order_with_duplicates_ends_in_the_models_ledger(
     pg_template: str, scenario: tuple[list[Charge], list[dict[str, Any]]]
 ) -> None:
     """Rule 3 (with 2, 4, 5, 6, 7): whatever the delivery order and duplicates, across both API eras
-    and two concurrent workers, finance.ledger, finance.payment_balances and the order/invoice
-    statuses end as the model of the true history says; no event ends unmatched or dead-lettered."""
+    and two concurrent workers, finance.ledger (with the dates of reversals and capture
+    adjustments), finance.payment_balances, finance.order_balances / invoice_balances (owners paid
+    by several payments), finance.refunds and the exceptions end as the model of the true history
+    says — partial captures, expiries, lost and appealed disputes and late refund failures
+    included; no event ends unmatched or dead-lettered."""
     history, delivered = scenario
     asyncio.run(run_example(pg_template, history, delivered))
 
@@ -349,28 +520,13 @@ def test_any_delivery_order_with_duplicates_ends_in_the_models_ledger(
 def test_model_lets_a_failed_refund_net_to_zero_only_as_a_whole_pair() -> None:
     """Rule 4 as the oracle reads it: a refund that ends failed is either never booked or booked
     and reversed once; half a pair, or the pair twice, is a difference."""
-    from tests.model import Authorise, RefundStep
-
-    charge = Charge(
+    charge = _charge(
+        1,
+        "ORD-1",
+        Authorise(1, True),
+        RefundStep(2, "re_1", 400, "pending"),
+        RefundStep(3, "re_1", 400, "failed"),
         id="ch_1",
-        payment_intent="pi_1",
-        currency="eur",
-        amount=1000,
-        recorded="charge",
-        owner="order",
-        number="ORD-1",
-        rejected=False,
-        card_present=False,
-        era="new",
-        announce_succeeded=True,
-        dispute_id="dp_1",
-        dispute_reason="general",
-        dispute_amount=1000,
-        steps=(
-            Authorise(1, True),
-            RefundStep(2, "re_1", 400, "pending"),
-            RefundStep(3, "re_1", 400, "failed"),
-        ),
     )
     exp = expected([charge])
     base = [("charge", 1000, "eur", "ch_1", "ch_1")]
@@ -381,3 +537,37 @@ def test_model_lets_a_failed_refund_net_to_zero_only_as_a_whole_pair() -> None:
     assert ledger_differences(exp, [*base, booked]) != []
     assert ledger_differences(exp, [*base, booked, reversal, booked, reversal]) != []
     assert exp.balances["ch_1"].status == "paid" and exp.balances["ch_1"].net_amount == 1000
+    assert exp.refund_failed == ["re_1"]
+    assert date_differences(exp, {("refund_reversal", "re_1"): [3]}) == []
+    assert date_differences(exp, {("refund_reversal", "re_1"): [2]}) != []  # the refund's own date
+
+
+def test_model_reads_rules_5_and_7_for_the_hand_written_histories() -> None:
+    """The oracle's reading of the money-truth clauses: a partial capture of a host payment adds
+    one capture_adjustment; a host payment that expired nets to zero and is voided; an order
+    takes its status from all its payments; a lost dispute charges the payment and its owner
+    back, refundable 0, and an appeal won undoes it."""
+    a_and_b = expected(HAND_WRITTEN[0])
+    assert a_and_b.ledger[("capture_adjustment", -400, "eur", "ch_3Hand0001", "ch_3Hand0001")] == 1
+    assert a_and_b.ledger[("capture_adjustment", -1000, "eur", "ch_3Hand0003", "ch_3Hand0003")] == 1
+    assert (a_and_b.balances["ch_3Hand0001"].status, a_and_b.balances["ch_3Hand0003"].status) == (
+        "refunded",
+        "voided",
+    )
+    order_a = a_and_b.owners["ORD-A"]
+    assert (order_a.status, order_a.captured, order_a.refunded, order_a.balance_due) == (
+        "partially_refunded",
+        1600,
+        600,
+        2000,
+    )
+    invoice_b = a_and_b.owners["INV-B"]
+    assert (invoice_b.status, invoice_b.disputed, a_and_b.balances["ch_3Hand0004"].refundable_amount) == (
+        "charged_back",
+        False,
+        0,
+    )
+    order_c = expected(HAND_WRITTEN[1]).owners["ORD-C"]
+    assert (order_c.status, order_c.disputed, order_c.refundable_now) == ("partially_refunded", False, 1000)
+    assert owner_status(["voided", "voided"], 0, 0) == "voided"
+    assert owner_status(["voided", "pending"], 0, 0) == "pending"

@@ -12,7 +12,7 @@ Never publishes, sleeps or calls HTTP; safe to run twice (the inbox and the book
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -41,16 +41,18 @@ from handlers.payloads import (
     live_refund_total,
     stripe_id,
 )
+from handlers.payouts import on_payout_event
 from handlers.pipeline import Pipeline
 from handlers.refunds import on_charge_refunded, on_refund_event
 from handlers.statuses import NO_WRITE, StatusWrite, plan
 
 # Plans the event's statements into the pipeline; what it returns concludes once they have run.
 FamilyHandler = Callable[[AppliedEvent, Payment, Pipeline], Then]
+# An event about no payment (a payout): applied on its own, straight away, to its outcome.
+PaymentlessHandler = Callable[[asyncpg.Connection, AppliedEvent], Awaitable[Outcome]]
 
-# The types the rules apply; the receiver queues only these (worker/events.py lists them, and
-# tests/test_handled_types.py keeps the two lists equal).
-HANDLERS: dict[str, FamilyHandler] = {
+# The types about a charge: matched to a payment, which is locked, first.
+PAYMENT_HANDLERS: dict[str, FamilyHandler] = {
     "charge.succeeded": on_charge_event,
     "charge.captured": on_charge_event,
     "charge.expired": on_charge_event,
@@ -65,6 +67,17 @@ HANDLERS: dict[str, FamilyHandler] = {
     "charge.dispute.funds_withdrawn": on_dispute_event,
     "charge.dispute.funds_reinstated": on_dispute_event,
 }
+
+# Payouts are about no one payment: recorded here, reconciled outside any transaction.
+PAYMENTLESS_HANDLERS: dict[str, PaymentlessHandler] = {
+    "payout.paid": on_payout_event,
+    "payout.failed": on_payout_event,
+    "payout.reconciliation_completed": on_payout_event,
+}
+
+# The types the rules apply; the receiver queues only these (worker/events.py lists them, and
+# tests/test_import_layout.py keeps the two lists equal).
+HANDLERS: Mapping[str, FamilyHandler | PaymentlessHandler] = {**PAYMENT_HANDLERS, **PAYMENTLESS_HANDLERS}
 
 
 class UnhandledEventType(ValueError):
@@ -160,6 +173,14 @@ async def _conclude(con: asyncpg.Connection, applied: AppliedEvent, payment: Pay
     return _result(applied, outcome, payment, step)
 
 
+async def _apply_paymentless(
+    con: asyncpg.Connection, applied: AppliedEvent, handler: PaymentlessHandler
+) -> Result:
+    outcome = await handler(con, applied)
+    _record(applied, outcome)
+    return _result(applied, outcome)
+
+
 async def apply_events(
     con: asyncpg.Connection, incoming: Sequence[EventToApply], policy: Policy
 ) -> list[Result]:
@@ -182,9 +203,13 @@ async def apply_events(
                 results[i] = _result(applied, "duplicate")
                 continue
             applied.first_seen_at = inbox_claim.first_seen_at
+            paymentless = PAYMENTLESS_HANDLERS.get(applied.type)
+            if paymentless is not None:
+                results[i] = await _apply_paymentless(con, applied, paymentless)
+                continue
             match = await _match(con, applied)
             if isinstance(match, Payment):
-                planned.append((i, applied, match, HANDLERS[applied.type](applied, match, pipeline)))
+                planned.append((i, applied, match, PAYMENT_HANDLERS[applied.type](applied, match, pipeline)))
             else:
                 results[i] = match
         await pipeline.run(con)

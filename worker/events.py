@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-# The rules in handlers/ have one handler per type here; tests/test_handled_types.py keeps the two
+# The rules in handlers/ have one handler per type here; tests/test_import_layout.py keeps the two
 # lists equal, so the receiver never queues a type the worker cannot apply.
 HANDLED_TYPES = frozenset(
     {
@@ -27,6 +27,9 @@ HANDLED_TYPES = frozenset(
         "charge.dispute.closed",
         "charge.dispute.funds_withdrawn",
         "charge.dispute.funds_reinstated",
+        "payout.paid",
+        "payout.failed",
+        "payout.reconciliation_completed",
     }
 )
 

@@ -25,7 +25,7 @@ def test_defaults_match_the_contract() -> None:
     assert (s.smtp_url, s.mail_from, s.notify_dashboard_refunds) == (None, "refunds@localhost", False)
     assert (s.host_webhook_url, s.host_webhook_secret) == (None, None)
     assert (s.console_session_s, s.verify_interval_s) == (28800, 0)
-    assert (s.log_format, s.log_level) == ("json", "info")
+    assert (s.log_format, s.log_level) == ("auto", "info")  # auto: console on a terminal, else JSON
 
 
 def test_retry_delays_and_api_tokens_are_parsed() -> None:

@@ -147,7 +147,7 @@ class Settings:
     host_webhook_secret: str | None = field(default=None, repr=False)
     console_session_s: int = 28800
     verify_interval_s: int = 0
-    log_format: str = "json"
+    log_format: str = "auto"  # LOG_FORMAT unset: console on a terminal, else JSON (worker/logs.py)
     log_level: str = "info"
 
     @classmethod
@@ -181,7 +181,7 @@ class Settings:
             host_webhook_secret=env.get("RECON_HOST_WEBHOOK_SECRET") or None,
             console_session_s=_int(env, "RECON_CONSOLE_SESSION_S", 28800, minimum=60),
             verify_interval_s=_int(env, "RECON_VERIFY_INTERVAL_S", 0, minimum=0),
-            log_format=_choice(env, "LOG_FORMAT", "json", ("json", "console")),
+            log_format=_choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
+import structlog
 
 from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
 from tests.harness import fetch, wait_until
@@ -214,23 +216,49 @@ async def _count(settings: Settings, expected: int) -> bool:
 async def test_drain_on_shutdown_commits_and_acks_everything_delivered(
     settings: Settings, amqp_url: str, fake: FakeRules
 ) -> None:
-    """Leaving the app (the SIGTERM path) stops consuming, then finishes what was delivered: every
-    event is either applied and acked, or still in the queue — none lost, none left half-done."""
+    """Leaving the app (the SIGTERM path) while a batch is provably in flight (its rules wait on a
+    gate that opens only after the stop began) stops consuming, then finishes what was delivered:
+    the drain reports unsettled work at the stop, and every event is applied exactly once or still in the
+    queue — none lost, none done twice."""
     ids = [f"evt_drain_{i:04d}" for i in range(400)]
+    gate = asyncio.Event()
+
+    async def held(_con: asyncpg.Connection, _delivery: Any) -> None:
+        await gate.wait()  # inside the batch's transaction: delivered, not committed, not acked
+
+    fake.behaviour[ids[0]] = held
     async with feeder(amqp_url, settings) as feed:
         for i, event_id in enumerate(ids):
             await feed.event(event(event_id, charge_id=f"ch_{i % 37}"))
-        async with consumer_running(settings, fake.rules()):
-            await wait_until(lambda: _at_least(settings, 1), what="some events applied")
+        with structlog.testing.capture_logs() as logs:
+            async with consumer_running(settings, fake.rules()):
+                await wait_until(lambda: _taken_up(fake, ids[0]), what="the gated event in flight")
+                asyncio.get_running_loop().call_later(0.5, gate.set)
         done = await applied(settings)
-        still_queued = await feed.depth()
-    assert len(done) + still_queued == len(ids)
-    assert set(done) <= set(ids)
+        queued = await _take_all(feed.connection, topology.WORK_QUEUE)
+    drained = [line for line in logs if line["event"] == "consumer_drained"]
+    assert drained and drained[-1]["unfinished_at_stop"] > 0 and drained[-1]["complete"] is True
+    assert ids[0] in done
+    assert set(done).isdisjoint(queued) and len(done) + len(queued) == len(ids)
+    assert set(done) | set(queued) == set(ids)
+    assert len([i for i, _ in fake.calls if i in done]) == len(done)  # each applied by one call
 
 
-async def _at_least(settings: Settings, n: int) -> bool:
-    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
-    return bool(rows[0]["n"] >= n)
+async def _taken_up(fake: FakeRules, event_id: str) -> bool:
+    return any(called == event_id for called, _ in fake.calls)
+
+
+async def _take_all(connection: aio_pika.abc.AbstractConnection, queue_name: str) -> list[str]:
+    """Every message id left in a queue, taken off it."""
+    channel = await connection.channel()
+    try:
+        queue = await channel.get_queue(queue_name, ensure=False)
+        taken: list[str] = []
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            taken.append(str(message.message_id))
+        return taken
+    finally:
+        await channel.close()
 
 
 async def test_unconfirmed_retry_publish_never_acks_the_original(
@@ -273,7 +301,6 @@ def test_message_headers_are_read_defensively() -> None:
 async def test_one_log_line_and_metrics_per_event(settings: Settings, amqp_url: str, fake: FakeRules) -> None:
     """Each handled event logs one event_handled line with the documented fields (docs/operations.md, Logs)
     and counts in recon_events_processed by type and outcome."""
-    import structlog
     from prometheus_client import REGISTRY
 
     def processed() -> float:

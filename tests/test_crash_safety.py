@@ -3,6 +3,8 @@ cuts mid-stream lose nothing and book nothing twice (the ledger equals a serial,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import signal
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from handlers import charge_ref
 from tests import builders as b
 from tests import event_stream, servers
 from tests import host_records as h
@@ -71,6 +74,31 @@ async def final_ledger(database_url: str) -> Counter[tuple[Any, ...]]:
         await con.close()
 
 
+@contextlib.asynccontextmanager
+async def holding_payments(database_url: str, charge_ids: list[str]) -> AsyncIterator[None]:
+    """Hold these payments' row locks, as a slow concurrent transaction would: a worker batch that
+    touches one of them blocks inside its transaction, delivered and not yet committed or acked."""
+    con = await asyncpg.connect(database_url)
+    try:
+        async with con.transaction():
+            await con.execute(
+                "select 1 from recon.payments where stripe_charge_id = any($1::text[]) for update", charge_ids
+            )
+            yield
+    finally:
+        await con.close()
+
+
+async def worker_blocked_in_a_transaction(database_url: str) -> bool:
+    """A backend of this database waits on a row lock inside an open transaction: work in flight."""
+    rows = await fetch(
+        database_url,
+        "select count(*) as n from pg_stat_activity"
+        " where datname = current_database() and wait_event_type = 'Lock' and xact_start is not null",
+    )
+    return bool(rows[0]["n"] > 0)
+
+
 async def stop(worker: WorkerProcess) -> None:
     worker.signal(signal.SIGTERM)
     assert await worker.wait() == 0, worker.log_tail()
@@ -79,8 +107,10 @@ async def stop(worker: WorkerProcess) -> None:
 async def test_sigterm_drains_in_flight_and_exits_zero(
     settings: Settings, amqp_url: str, tmp_path: Path
 ) -> None:
-    """SIGTERM mid-stream: the worker stops consuming, commits and acks what it holds, exits 0;
-    every message is then either reconciled or still queued — none lost, none left retrying."""
+    """SIGTERM while a batch is provably in flight (blocked inside its transaction on a row lock
+    the test holds): the worker stops consuming, finishes and acks what it holds once the lock
+    goes, and exits 0, reporting unsettled work at the stop; every message is then either
+    reconciled or still queued — none lost, none left retrying."""
     built = event_stream.build(CHARGES, tag="term", duplicate_share=0.0)
     con = await asyncpg.connect(settings.database_url)
     try:
@@ -88,15 +118,21 @@ async def test_sigterm_drains_in_flight_and_exits_zero(
     finally:
         await con.close()
     worker = WorkerProcess(settings, tmp_path / "worker.log")
+    held = [p.charge_id for p in built.payments[:10]]
     async with feeder(amqp_url, settings) as feed:
         for event in built.events:
             await feed.event(event)
-        worker.start()
         try:
-            await wait_until(
-                lambda: at_least(settings.database_url, 40), interval_s=0.01, what="some applied"
-            )
-            await stop(worker)
+            async with holding_payments(settings.database_url, held):
+                worker.start()
+                await wait_until(
+                    lambda: worker_blocked_in_a_transaction(settings.database_url),
+                    interval_s=0.01,
+                    what="a batch blocked in flight",
+                )
+                worker.signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)  # the stop has begun with the batch still blocked
+            assert await worker.wait() == 0, worker.log_tail()
         finally:
             worker.kill()
         queued = await feed.depth()
@@ -105,6 +141,7 @@ async def test_sigterm_drains_in_flight_and_exits_zero(
     assert len(rows) + queued == len(built.events)
     drained = [json.loads(line) for line in worker.log_tail(200).splitlines() if "consumer_drained" in line]
     assert drained and drained[-1]["complete"] is True
+    assert drained[-1]["unfinished_at_stop"] > 0
 
 
 async def test_sigkill_mid_stream_then_restart_books_everything_once(
@@ -114,23 +151,28 @@ async def test_sigkill_mid_stream_then_restart_books_everything_once(
     reference: Counter[tuple[Any, ...]],
     tmp_path: Path,
 ) -> None:
-    """A worker killed with SIGKILL mid-batch (uncommitted work and committed-but-unacked messages
-    in flight) and a fresh one started: every event reaches a final outcome and the ledger equals
-    the serial reference — each booking exactly once."""
+    """A worker killed with SIGKILL while a batch is provably in flight (blocked inside its
+    transaction on a row lock the test holds) and a fresh one started: every event reaches a final
+    outcome and the ledger equals the serial reference — each booking exactly once."""
     half = len(stream.events) // 2
     first = WorkerProcess(settings, tmp_path / "first.log")
     second = WorkerProcess(settings, tmp_path / "second.log")
     async with feeder(amqp_url, settings) as feed:
         for event in stream.events[:half]:
             await feed.event(event)
-        first.start()
+        held = [str(charge_ref(stream.events[0]).charge_id)]
         try:
-            await wait_until(
-                lambda: at_least(settings.database_url, 30), interval_s=0.01, what="first applies"
-            )
+            async with holding_payments(settings.database_url, held):
+                first.start()
+                await wait_until(
+                    lambda: worker_blocked_in_a_transaction(settings.database_url),
+                    interval_s=0.01,
+                    what="a batch blocked in flight",
+                )
+                in_flight_at_kill = await worker_blocked_in_a_transaction(settings.database_url)
+                first.kill()
         finally:
             first.kill()
-        at_kill = await inbox_count(settings.database_url)
         second.start()
         try:
             for event in stream.events[half:]:
@@ -143,7 +185,7 @@ async def test_sigkill_mid_stream_then_restart_books_everything_once(
             await stop(second)
         finally:
             second.kill()
-    assert at_kill < len(stream.event_ids)
+    assert in_flight_at_kill
     assert await final_ledger(settings.database_url) == reference
 
 

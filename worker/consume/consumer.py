@@ -110,14 +110,15 @@ class Consumer:
     async def drain(self, deadline: Deadline) -> None:
         """Finish (commit and ack) whatever was delivered, both lane sets together, within what the
         deadline leaves; what is cut off stays unacked, not lost."""
-        backlog = self.lanes.backlog
+        # What the stop found delivered and not settled: waiting in the lanes, or in a running batch.
+        backlog, unfinished = self.lanes.backlog, self.lanes.unfinished + self.dead_lanes.unfinished
         both = asyncio.gather(self.lanes.drain(), self.dead_lanes.drain())
         try:
             await asyncio.wait_for(both, deadline.remaining(keep_s=CLOSE_RESERVE_S))
             drained = True
         except TimeoutError:
             drained = False
-        log.info("consumer_drained", complete=drained, backlog_at_stop=backlog)
+        log.info("consumer_drained", complete=drained, backlog_at_stop=backlog, unfinished_at_stop=unfinished)
 
     async def close(self, deadline: Deadline) -> None:
         if self.monitor is not None:

@@ -43,6 +43,7 @@ class Lane(Generic[T]):
         self._max_batch = max_batch
         self._linger_for = linger
         self._queue: asyncio.Queue[T] = asyncio.Queue()
+        self._unfinished = 0  # handed to the lane and not yet run to the end: queued or in a batch
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -50,10 +51,17 @@ class Lane(Generic[T]):
 
     def put(self, item: T) -> None:
         self._queue.put_nowait(item)
+        self._unfinished += 1
 
     @property
     def backlog(self) -> int:
+        """Items waiting for a batch."""
         return self._queue.qsize()
+
+    @property
+    def unfinished(self) -> int:
+        """Items waiting or in the batch that runs now: delivered and not yet settled."""
+        return self._unfinished
 
     async def _loop(self) -> None:
         while True:
@@ -66,6 +74,7 @@ class Lane(Generic[T]):
             except Exception:  # the runner settles its own errors; this is a last guard for the lane
                 log.exception("lane_batch_crashed", lane=self.name, size=len(batch))
             finally:
+                self._unfinished -= len(batch)
                 for _ in batch:
                     self._queue.task_done()
 
@@ -111,6 +120,10 @@ class Lanes(Generic[T]):
     @property
     def backlog(self) -> int:
         return sum(lane.backlog for lane in self.lanes)
+
+    @property
+    def unfinished(self) -> int:
+        return sum(lane.unfinished for lane in self.lanes)
 
     async def drain(self) -> None:
         """Return once every lane has run everything handed to it (the caller bounds the wait)."""

@@ -5,6 +5,11 @@ list a charge.refunded embeds (API versions before 2022-11-15), or the refunds t
 from the API for a charge.refunded. Its status is kept by (event created, lifecycle rank), so a
 refund already known failed/canceled is never booked by an older snapshot, and whatever the
 delivery order a refund that ends failed nets to zero.
+
+A refund the back office asked for carries ``recon_refund_request_id`` in its metadata; every
+snapshot of it is followed up (``recon.follow_refund``): the refund is linked to its request,
+the request moves on (succeeded, or failed with Stripe's failure_reason), and the buyer's e-mail
+is queued the first time the refund is booked — all in the event's transaction.
 """
 
 from __future__ import annotations
@@ -109,6 +114,14 @@ select (select status from saved) as saved_status,
        (select amount from reversed) as reversed_amount
 """
 
+# After every refund snapshot (planned right after it, so it runs after every _APPLY_REFUND of the
+# run: the pipeline sends texts in the order they were first added): link a refund the back office
+# asked for to its request by the metadata it was created with — never by the re_ id, which the
+# request may not have recorded yet when the webhook outruns Stripe's answer — move the request
+# on, and queue the buyer's e-mail the first time the refund is booked (schema/0005).
+_FOLLOW_REFUND = "select * from recon.follow_refund($1, $2, $3, $4)"
+REQUEST_METADATA_KEY = "recon_refund_request_id"
+
 # Refunds that were live when the charge snapshot was taken: live now, or failed/canceled only at
 # or after the snapshot's time (same second counts: Stripe's clock cannot order them).
 _LIVE_AT_SNAPSHOT = """
@@ -161,7 +174,18 @@ def plan_refund(
         applied.event_id,
         refund.get("failure_reason") if isinstance(refund.get("failure_reason"), str) else None,
     )
-    return pipeline.add(_APPLY_REFUND, args)
+    ticket = pipeline.add(_APPLY_REFUND, args)
+    pipeline.add(_FOLLOW_REFUND, (refund["id"], request_id_of(refund), payment.id, applied.event_id))
+    return ticket
+
+
+def request_id_of(refund: dict[str, Any]) -> int | None:
+    """The back-office request a refund was created for, from its metadata (None if not ours)."""
+    metadata = refund.get("metadata")
+    raw = metadata.get(REQUEST_METADATA_KEY) if isinstance(metadata, dict) else None
+    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 18:
+        return None
+    return int(raw)
 
 
 async def take_refund(

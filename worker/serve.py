@@ -1,8 +1,10 @@
 """Long-running modes: ``recon receiver``, ``recon worker`` and ``recon run``.
 
 aiohttp's run_app owns the signals: on SIGTERM it stops accepting, lets in-flight requests
-finish, then runs the cleanup contexts in reverse (the consumer drains, the broker closes)
-and returns, so the process exits 0. All of it fits one budget (worker/shutdown.py).
+finish, then runs the cleanup contexts in reverse (the back office stops, the consumer drains,
+the broker closes) and returns, so the process exits 0. All of it fits one budget
+(worker/shutdown.py). ``worker`` and ``run`` also serve the back-office API on its own port
+(RECON_API_HOST:RECON_API_PORT) when RECON_API_TOKENS is set, and always run its loops.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 from aiohttp import web
 
 from worker import shutdown
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 
 
 def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
@@ -31,10 +33,23 @@ def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
         add_health_routes(app)
         port = settings.worker_http_port
     if mode in ("worker", "run"):
+        from worker.backoffice.runtime import add_backoffice
         from worker.consume.consumer import consumer_ctx
 
         app.cleanup_ctx.append(consumer_ctx(settings))
+        # After the consumer: cleanup runs in reverse, so the API stops taking refunds before the
+        # lanes drain. The outbox senders and refund recovery run whether or not the API is on.
+        _refuse_shared_api_port(settings, port)
+        add_backoffice(app, settings)
     return app, port
+
+
+def _refuse_shared_api_port(settings: Settings, port: int) -> None:
+    """The back-office API never listens on the public webhook port (nor the health port)."""
+    if settings.api_enabled and settings.api_port in (port, settings.http_port):
+        raise SettingsError(
+            f"RECON_API_PORT ({settings.api_port}) must differ from the webhook and health ports"
+        )
 
 
 def serve(mode: str, settings: Settings) -> int:

@@ -22,6 +22,7 @@ from worker.logs import configure_logging, redact
         ("key sk_live_51Habc123 rejected", "key sk_live_[redacted] rejected"),
         ("rk_test_9zz and whsec_abcDEF1", "rk_test_[redacted] and whsec_[redacted]"),
         ("a+b@x.io paid with sk_test_1", "[email] paid with sk_test_[redacted]"),
+        ("secret whsec_test_6f1c0b2e, next", "secret whsec_[redacted], next"),
         ("evt_1NG8Du2eZvKYlo2CUI79vXWy", "evt_1NG8Du2eZvKYlo2CUI79vXWy"),
         ("charge.refund.updated", "charge.refund.updated"),
     ],

@@ -20,7 +20,8 @@ import orjson
 import structlog
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
-_SECRET = re.compile(r"(whsec_|sk_live_|sk_test_|rk_live_|rk_test_)[A-Za-z0-9]+")
+# Underscores too: a secret like whsec_test_6f1c… must not keep its tail.
+_SECRET = re.compile(r"(whsec_|sk_live_|sk_test_|rk_live_|rk_test_)[A-Za-z0-9_]+")
 
 # Libraries whose INFO lines are routine chatter: stripe writes two per API request (with the URL),
 # aio-pika and aiormq one per queue or channel closing and per reconnect. They are shown at debug;

@@ -18,15 +18,18 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
 from tests import builders as b
 from tests import host_records as host
 from tests import stripe_ledger_api as api
 from tests.conftest import free_port
+from tests.harness import wait_until
 from tests.test_refund_fetch import charge_with_refunds
 from worker.drift.check import DriftCheck, DriftTimings
 from worker.drift.stripe_reads import ReadTimings, StripeReads
 from worker.ops.verify import verify
+from worker.payouts import payouts_ctx
 from worker.settings import Settings
 
 T = b.T0
@@ -247,3 +250,25 @@ async def test_a_long_check_holds_the_request_rate(con: asyncpg.Connection, pool
     moments = [s.at for s in served.seen]
     assert max(sum(1 for m in moments if start <= m < start + 1.0) for start in moments) <= 21
     assert len(progress) >= 3 and progress[-1].startswith("verify: 40/40 charges checked")
+
+
+async def test_the_worker_runs_the_check_every_interval(settings: Settings, con: asyncpg.Connection) -> None:
+    """With RECON_VERIFY_INTERVAL_S set, the worker's payout context runs the drift check of the last
+    2 days on its own: a captured amount Stripe disagrees with becomes a drift exception."""
+    await host.add_order_with_payment(con, "ORD-TICK", "ch_tick", amount=900)
+    await host.apply(con, b.incoming(b.charge_event("charge.succeeded", stripe_charge("ch_tick", 900))))
+    await settle_inbox(con)
+    served = api.StripeLedgerApi()
+    served.charges["ch_tick"] = dict(stripe_charge("ch_tick", 900), amount_captured=700)
+    async with api.serving(served) as base:
+        s = replace(settings, stripe_api_key=api.API_KEY, stripe_api_base=base, verify_interval_s=1)
+        app = web.Application()
+        app.cleanup_ctx.append(payouts_ctx(s))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        try:
+            [raised] = await wait_until(lambda: drift_exceptions(con), timeout_s=15, what="a drift exception")
+        finally:
+            await runner.cleanup()
+    assert (raised["stripe_object_id"], raised["detail"]["field"]) == ("ch_tick", "captured")
+    assert (raised["detail"]["ours"], raised["detail"]["stripe"]) == (900, 700)

@@ -8,7 +8,6 @@ and paid payouts stay ``pending`` until it is set.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -52,14 +51,16 @@ async def periodic_drift_check(
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("verify_database_error", error=type(exc).__name__)
             continue
-        log.log(
-            30 if report.drift else 20,
-            "verify_finished",
-            differences=len(report.found),
-            raised=sum(1 for f in report.found if f.raised),
-            failed=len(report.failures),
-            charges=report.progress.charges,
-        )
+        summary = {
+            "differences": len(report.found),
+            "raised": sum(1 for f in report.found if f.raised),
+            "failed": len(report.failures),
+            "charges": report.progress.charges,
+        }
+        if report.drift:
+            log.warning("verify_found_drift", **summary)
+        else:
+            log.info("verify_finished", **summary)
 
 
 def payouts_ctx(
@@ -87,8 +88,9 @@ def payouts_ctx(
             # A reconciliation cut short rolls back; its lease runs out and it is done again.
             await asyncio.gather(*tasks, return_exceptions=True)
             await reads.close()
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(pool.close(), timings.close_timeout_s)
-            pool.terminate()
+            except TimeoutError:
+                pool.terminate()
 
     return payouts_context

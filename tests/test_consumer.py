@@ -118,6 +118,35 @@ async def test_poison_event_counts_failures_then_is_dead_lettered(
     assert sorted({attempt for event_id, attempt in fake.calls if event_id == "evt_poison"}) == [1, 2, 3]
 
 
+async def test_a_batch_that_crashes_is_requeued_and_applied_once(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A fault outside the rules' settled errors (here the refund fetcher raises a bug, not a
+    RefundFetchFailed) crashes the batch: every message of it is nacked back to the queue, none is
+    acked or lost, and the redelivery applies each event exactly once."""
+    crashes = {"left": 1}
+
+    async def fetcher(_charge_id: str) -> list[dict[str, Any]]:
+        if crashes["left"]:
+            crashes["left"] -= 1
+            raise RuntimeError("a bug in the fetch path")
+        return []
+
+    fake.fetch_for = lambda _event: "ch_crash"
+    ids = [f"evt_crash_{i}" for i in range(3)]
+    async with feeder(amqp_url, settings) as feed:
+        for event_id in ids:
+            await feed.event(event(event_id, charge_id="ch_crash"))
+        with structlog.testing.capture_logs() as logs:
+            async with consumer_running(settings, fake.rules(), fetcher=fetcher):
+                await wait_until(lambda: _count(settings, len(ids)), what="all applied after the crash")
+        assert await feed.depth() == 0
+    crashed = [line for line in logs if line["event"] == "batch_crashed"]
+    assert len(crashed) == 1 and 1 <= crashed[0]["size"] <= len(ids)
+    assert sorted(await applied(settings)) == ids
+    assert sorted(i for i, _ in fake.calls) == ids  # the crashed batch never reached the rules
+
+
 async def test_body_that_is_not_json_goes_straight_to_dead_letters(
     settings: Settings, amqp_url: str, fake: FakeRules
 ) -> None:
@@ -442,6 +471,54 @@ async def test_consuming_resumes_on_the_new_channel_after_a_broker_cut(
     finally:
         await mq.close()
     assert set(await applied(settings)) == {"evt_before_cut", "evt_after_cut"}
+
+
+async def test_deliveries_of_a_dead_channel_are_skipped_and_redelivered(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A message delivered on a channel that died before its batch ran is not applied (it could not
+    be acked, and the broker redelivers it): it is applied once, from the redelivery. The batch that
+    was in flight at the cut committed; its redelivery is a duplicate."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.tcp_proxy import TcpProxy
+
+    gate = asyncio.Event()
+
+    async def held_once(_con: asyncpg.Connection, _delivery: Any) -> None:
+        if not gate.is_set():
+            await gate.wait()
+
+    fake.behaviour["evt_gate"] = held_once
+    vhost = urlsplit(amqp_url)
+    mq = TcpProxy("127.0.0.1", vhost.port or 5672)
+    await mq.start()
+    proxied = dataclasses.replace(
+        settings, amqp_url=urlunsplit(vhost._replace(netloc=f"guest:guest@127.0.0.1:{mq.port}"))
+    )
+    try:
+        async with feeder(amqp_url, settings) as feed:
+            async with consumer_running(proxied, fake.rules()) as consumer:
+                await feed.event(event("evt_gate", charge_id="ch_lane"))
+                await wait_until(lambda: _taken_up(fake, "evt_gate"), what="the gated batch in flight")
+                await feed.event(event("evt_behind", charge_id="ch_lane"))  # queued behind it, same lane
+                await wait_until(lambda: _lane_holds(consumer, 1), what="the second delivery waiting")
+                await mq.cut()
+                await wait_until(lambda: _equals(consumer.broker_ready(), "broker unreachable"), what="down")
+                gate.set()
+                await wait_until(lambda: _lane_holds(consumer, 0), what="the lane ran past the dead delivery")
+                await mq.restore()
+                await wait_until(lambda: _has(settings, "evt_behind"), what="the redelivery applied")
+                await wait_until(lambda: _called(fake, "evt_gate", 2), what="the gated event redelivered")
+            assert await feed.depth() == 0
+    finally:
+        await mq.close()
+    assert [i for i, _ in fake.calls].count("evt_behind") == 1
+    assert set(await applied(settings)) == {"evt_gate", "evt_behind"}
+
+
+async def _lane_holds(consumer: Any, n: int) -> bool:
+    return bool(consumer.lanes.backlog == n)
 
 
 async def test_a_consumer_the_broker_cancels_makes_the_worker_not_ready(

@@ -39,7 +39,7 @@ def fingerprint(body: Any) -> str:
 class BackOffice:
     def __init__(self, pool: asyncpg.Pool, submitter: Submitter) -> None:
         self._pool = pool
-        self._submitter = submitter
+        self.submitter = submitter
 
     async def request_refund(
         self, ask: store.RefundAsk, *, requested_by: str, idempotency_key: str, body_fingerprint: str
@@ -95,7 +95,7 @@ class BackOffice:
             requested_by=requested_by,
             rejects_order=rejects_order,
         )
-        await self._submitter.submit(request_id, look_first=False)
+        await self.submitter.submit(request_id, look_first=False)
         return Answer(True, await self.get_request(request_id))
 
     async def get_request(self, request_id: int) -> dict[str, Any] | None:

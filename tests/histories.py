@@ -111,6 +111,7 @@ def _dispute_thread(draw: Any, n: int, currency: str, amount: int, start: int) -
     thread: list[Step] = []
     for i, status in enumerate(path):
         txns: tuple[Txn, ...] = ()
+        action: Literal["created", "updated", "closed"]
         if i == 0:
             action = "created"
             if status == "needs_response":

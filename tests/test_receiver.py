@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
+from urllib.parse import unquote
 
 import aio_pika
 import aiohttp
@@ -450,3 +454,64 @@ async def test_one_log_line_per_request_without_secrets_or_emails(
     logged = repr(logs)
     for forbidden in (TEST_SECRET, signature, "jenny.rosen", "@example.com"):
         assert forbidden not in logged
+
+
+def _rabbitmqctl(*args: str) -> None:
+    """One rabbitmqctl call in its own process group (a timeout kills its Erlang VM too)."""
+    process = subprocess.Popen(
+        ["rabbitmqctl", "-q", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        _out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, err
+
+
+async def test_a_broker_nack_is_a_503_and_nothing_is_queued(
+    receiver: str, http: aiohttp.ClientSession, amqp_url: str
+) -> None:
+    """When the broker refuses the message (a full queue with reject-publish nacks it), the answer
+    is 503 publish_not_confirmed so Stripe retries, and nothing is queued; once the workers have
+    drained the queue below its limit, the same event is accepted and queued, once."""
+    vhost = unquote(URL(amqp_url).path.lstrip("/"))
+    # A policy of this test's own vhost: recon.events is full at one message, and its
+    # reject-publish overflow makes the broker nack every publish beyond that.
+    await asyncio.to_thread(
+        _rabbitmqctl,
+        "set_policy",
+        "-p",
+        vhost,
+        "--apply-to",
+        "queues",
+        "full",
+        r"^recon\.events$",
+        '{"max-length": 1}',
+    )
+    refused: list[dict[str, Any]] = []
+    try:
+        await wait_until(lambda: _refused(http, receiver, refused), what="the broker to nack a publish")
+        [event] = refused
+        before = [m.message_id for m in await drain_work_queue(amqp_url)]  # the workers catch up
+        assert event["id"] not in before and before  # what was confirmed stayed queued
+        await wait_until(lambda: _accepted(http, receiver, event), what="the queue to take the event again")
+        assert [m.message_id for m in await drain_work_queue(amqp_url)] == [event["id"]]
+    finally:
+        await asyncio.to_thread(_rabbitmqctl, "clear_policy", "-p", vhost, "full")
+
+
+async def _refused(http: aiohttp.ClientSession, base_url: str, refused: list[dict[str, Any]]) -> bool:
+    """POST a fresh event; keep it if it was answered 503 publish_not_confirmed."""
+    event = refund_event()
+    status, answer = await post_event(http, base_url, event)
+    if status == 200:
+        return False
+    assert (status, answer.get("error")) == (503, "publish_not_confirmed"), (status, answer)
+    refused.append(event)
+    return True
+
+
+async def _accepted(http: aiohttp.ClientSession, base_url: str, event: dict[str, Any]) -> bool:
+    return (await post_event(http, base_url, event))[0] == 200

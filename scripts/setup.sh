@@ -68,10 +68,14 @@ ensure_venv() {
         say "creating .venv"
         python3 -m venv .venv
     fi
-    if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
-        say "installing stripe-recon and its dev tools into .venv"
-        .venv/bin/pip install -q --upgrade pip
-        .venv/bin/pip install -q -e '.[dev]'
+    if [ ! -f .venv/.installed ] || [ requirements-dev.txt -nt .venv/.installed ] \
+        || [ pyproject.toml -nt .venv/.installed ]; then
+        # The lock, not pyproject.toml's ranges: every machine gets the same versions, each file
+        # checked against its hash. Then the project itself, editable, adding nothing unlocked
+        # (no dependencies, and built with the locked setuptools rather than a fresh download).
+        say "installing the locked dependencies (requirements-dev.txt) and stripe-recon into .venv"
+        .venv/bin/pip install -q --require-hashes -r requirements-dev.txt
+        .venv/bin/pip install -q --no-deps --no-build-isolation -e .
         touch .venv/.installed
     fi
 }

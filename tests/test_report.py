@@ -71,6 +71,12 @@ DISPUTES = [
     ("dp_lost", "ch_kwd", 20_005, "kwd", "lost", "2026-03-04T23:59:59"),
     ("dp_nodue", "ch_usd", 10_000, "usd", "warning_needs_response", None),
 ]
+# (payout, amount, currency, arrival, reconciliation, difference)
+PAYOUTS = [
+    ("po_old", 50_000, "usd", "2026-02-20T00:00", "matched", 0),
+    ("po_jpy", 200_000, "jpy", "2026-03-03T00:00", "differences", -1_500),
+    ("po_usd", 9_680, "usd", "2026-03-04T00:00", "matched", 0),
+]
 # (kind, resolved)
 EXCEPTIONS = [
     ("unmatched_charge", False),
@@ -143,6 +149,20 @@ async def _seed(database_url: str) -> None:
                 status,
                 _t(due) if due else None,
             )
+        for payout, amount, currency, arrival, reconciliation, difference in PAYOUTS:
+            await con.execute(
+                """
+                insert into recon.payouts (id, amount, currency, arrival_date, automatic, status,
+                                           status_created, status_rank, reconciliation, difference_amount)
+                values ($1, $2, $3, $4, true, 'paid', now(), 3, $5, $6)
+                """,
+                payout,
+                amount,
+                currency,
+                _t(arrival).date(),
+                reconciliation,
+                difference,
+            )
         for n, (kind, resolved) in enumerate(EXCEPTIONS):
             # One cause each (an open exception is raised once per kind, event and object).
             await con.execute(
@@ -195,7 +215,7 @@ def _from_table(output: str) -> Movements:
 
 def _csv_blocks(output: str) -> dict[str, list[dict[str, str]]]:
     """The three blocks in their fixed order; every data row names its section."""
-    names = ["summary", "movements", "open_disputes", "open_exceptions"]
+    names = ["summary", "movements", "payouts", "open_disputes", "open_exceptions"]
     blocks = [list(csv.DictReader(io.StringIO(block))) for block in output.split("\n\n")]
     assert len(blocks) == len(names)
     for name, rows in zip(names, blocks, strict=True):
@@ -274,7 +294,7 @@ async def test_open_disputes_soonest_first_and_open_exceptions_by_kind(
     ]
 
     table = await _report(settings, capsys, "table", since=None, currency=None)
-    disputes_block = table.split("\n\n")[3]
+    disputes_block = table.split("\n\n")[4]
     assert disputes_block.index("dp_jpy") < disputes_block.index("dp_kwd") < disputes_block.index("dp_nodue")
     assert "2026-03-10 23:59 " in disputes_block and "25.005" in disputes_block
     blocks = _csv_blocks(await _report(settings, capsys, "csv", since=None, currency=None))
@@ -289,10 +309,10 @@ async def test_empty_ledger_prints_empty_sections(
 ) -> None:
     """A fresh database reports no movements, disputes or exceptions rather than failing."""
     table = await _report(settings, capsys, "table", since=None, currency=None)
-    assert table.count("(none)") == 4
+    assert table.count("(none)") == 5
     document = json.loads(await _report(settings, capsys, "json", since=None, currency=None))
-    names = ("summary", "movements", "open_disputes", "open_exceptions")
-    assert [document[name] for name in names] == [[], [], [], []]
+    names = ("summary", "movements", "payouts", "open_disputes", "open_exceptions")
+    assert [document[name] for name in names] == [[], [], [], [], []]
 
 
 async def test_the_report_needs_only_the_recon_finance_grants(settings: Settings) -> None:
@@ -304,7 +324,24 @@ async def test_the_report_needs_only_the_recon_finance_grants(settings: Settings
         sections = await report.load_sections(con, since=SINCE, currency=None)
     finally:
         await con.close()
-    assert [len(s.rows) for s in sections] == [13, 11, 3, 2]
+    assert [len(s.rows) for s in sections] == [13, 11, 2, 3, 2]
+
+
+async def test_payouts_show_their_reconciliation_since_and_by_currency(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Payouts that arrived since --since, newest first, with their reconciliation state and the
+    difference in the payout's currency (JPY without decimals); --currency keeps one currency."""
+    await _seed(settings.database_url)
+    document = json.loads(await _report(settings, capsys, "json", since=SINCE, currency=None))
+    assert [
+        (p["stripe_payout_id"], p["amount_decimal"], p["reconciliation"], p["difference_decimal"])
+        for p in document["payouts"]
+    ] == [("po_usd", "96.80", "matched", "0.00"), ("po_jpy", "200000", "differences", "-1500")]
+    usd_only = json.loads(await _report(settings, capsys, "json", since=None, currency="usd"))
+    assert [p["stripe_payout_id"] for p in usd_only["payouts"]] == ["po_usd", "po_old"]
+    table = await _report(settings, capsys, "table", since=SINCE, currency=None)
+    assert "Payouts and their reconciliation" in table and "differences" in table
 
 
 async def test_summary_gives_gross_charges_refund_rate_chargebacks_and_fees(

@@ -4,6 +4,7 @@
   their capture adjustments), refunds net of reversals, the refund rate, dispute movements,
   chargebacks (disputes closed lost that day, by count and amount), fees (dispute and processing);
 * every non-charge row kind by UTC day of ``occurred_at`` and currency;
+* payouts (arrived on or after ``--since``) and their reconciliation state;
 * open disputes, soonest evidence deadline first;
 * open exceptions by kind.
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from worker.ops.payouts import payout_rows
 from worker.ops.report_render import Column, Section, as_csv, as_json, as_table
 from worker.settings import Settings
 
@@ -130,6 +132,17 @@ MOVEMENT_COLUMNS = (
     Column("processing_fees", "PROCESSING FEES", "money"),
     Column("net", "NET", "money"),
 )
+PAYOUT_COLUMNS = (
+    Column("arrival_date", "ARRIVAL", "day"),
+    Column("stripe_payout_id", "PAYOUT"),
+    Column("amount_decimal", "AMOUNT", "money"),
+    Column("currency", "CUR"),
+    Column("status", "STATUS"),
+    Column("reconciliation", "RECONCILIATION"),
+    Column("lines", "LINES", "count"),
+    Column("difference_lines", "DIFFERING", "count"),
+    Column("difference_decimal", "DIFFERENCE", "money"),
+)
 DISPUTE_COLUMNS = (
     Column("evidence_due_by", "EVIDENCE DUE (UTC)", "moment"),
     Column("stripe_dispute_id", "DISPUTE"),
@@ -155,6 +168,7 @@ async def load_sections(
     await con.execute("set time zone 'UTC'")
     summary = await con.fetch(_SUMMARY_SQL, since, currency)
     movements = await con.fetch(_MOVEMENTS_SQL, since, currency)
+    payouts = await payout_rows(con, since=since, currency=currency)
     disputes = await con.fetch(_OPEN_DISPUTES_SQL, currency)
     exceptions = await con.fetch(_OPEN_EXCEPTIONS_SQL)
     return [
@@ -170,6 +184,7 @@ async def load_sections(
             MOVEMENT_COLUMNS,
             [dict(r) for r in movements],
         ),
+        Section("payouts", "Payouts and their reconciliation, newest first", PAYOUT_COLUMNS, payouts),
         Section(
             "open_disputes",
             "Open disputes, soonest evidence due first",

@@ -302,6 +302,33 @@ def test_compose_runs_migrations_before_the_app_and_two_workers() -> None:
         assert grace >= STOP_GRACE_S > BUDGET_S
 
 
+def _published(entry: Any) -> tuple[str, int]:
+    """(host address, container port) of a Compose ports entry, short or long syntax; a port
+    published without an address listens on every interface."""
+    if isinstance(entry, dict):
+        return str(entry.get("host_ip", "0.0.0.0")), int(entry["target"])
+    parts = str(entry).split("/")[0].split(":")
+    return (parts[0] if len(parts) == 3 else "0.0.0.0"), int(parts[-1])
+
+
+def test_compose_publishes_only_the_webhook_port_beyond_this_machine() -> None:
+    """Only the receiver's webhook port is published on every interface (it serves
+    POST /webhooks/stripe); every other published port — the workers' health and metrics, the
+    databases' and the broker's, the back-office API's — is bound to 127.0.0.1."""
+    services = compose()["services"]
+    public = set()
+    for name, service in services.items():
+        for entry in service.get("ports", []):
+            host_ip, target = _published(entry)
+            if host_ip != "127.0.0.1":
+                public.add((name, target))
+    assert public == {("receiver", Settings().http_port)}
+    assert ("POST", "/webhooks/stripe") in app_routes("receiver")
+    worker = services["worker"]
+    assert [_published(p) for p in worker["ports"]] == [("127.0.0.1", Settings().worker_http_port)]
+    assert "127.0.0.1::" in worker["ports"][0], "no fixed host port: two replicas cannot share one"
+
+
 def test_compose_rabbitmq_loads_the_generated_definitions() -> None:
     """RabbitMQ reads rabbitmq.conf, whose load_definitions names the file the one-shot writes from
     deploy/rabbitmq/definitions.json; RabbitMQ starts only after that one-shot succeeded."""
@@ -493,6 +520,36 @@ def test_k8s_service_and_pdb_target_the_receiver() -> None:
     assert service["ports"][0]["targetPort"] in ("http", Settings().http_port)
     pdb = k8s_object("PodDisruptionBudget", "recon-receiver")["spec"]
     assert pdb["selector"]["matchLabels"].items() <= pods.items()
+
+
+def test_k8s_ingress_routes_only_post_webhooks_stripe_to_the_receiver() -> None:
+    """The one way in from outside is an Ingress with a single rule: exactly /webhooks/stripe
+    (pathType Exact, no default backend) to the receiver Service's port, which the receiver serves
+    with POST. /healthz, /readyz and /metrics stay in the cluster: no Service is a LoadBalancer or
+    NodePort, and no pod takes a host port or the host's network."""
+    documents = k8s_documents()
+    routes = [d for d in documents if d["kind"] in ("Ingress", "HTTPRoute", "Gateway")]
+    assert [(d["kind"], d["metadata"]["name"]) for d in routes] == [("Ingress", "recon-receiver")]
+    spec = routes[0]["spec"]
+    assert "defaultBackend" not in spec
+    [(host, path)] = [(rule.get("host"), p) for rule in spec["rules"] for p in rule["http"]["paths"]]
+    assert (path["path"], path["pathType"]) == ("/webhooks/stripe", "Exact")
+    assert host in {h for tls in spec["tls"] for h in tls["hosts"]}, "the webhook host needs TLS"
+    backend = path["backend"]["service"]
+    assert backend["name"] == "recon-receiver"
+    service = k8s_object("Service", "recon-receiver")["spec"]
+    [port] = [p for p in service["ports"] if p["name"] == backend["port"]["name"]]
+    assert port["targetPort"] in ("http", Settings().http_port)
+    assert ("POST", path["path"]) in app_routes("receiver")
+    assert {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")} <= app_routes("receiver")
+    for document in documents:
+        if document["kind"] == "Service":
+            assert document["spec"].get("type", "ClusterIP") == "ClusterIP", document["metadata"]["name"]
+        if document["kind"] in ("Deployment", "Job"):
+            pod = document["spec"]["template"]["spec"]
+            assert not pod.get("hostNetwork"), document["metadata"]["name"]
+            for container in pod["containers"]:
+                assert all("hostPort" not in p for p in container.get("ports", [])), container["name"]
 
 
 def test_k8s_env_and_secrets_are_references_to_known_settings() -> None:

@@ -89,6 +89,8 @@ def stopped_rabbitmq() -> Iterator[dict[str, str]]:
 async def test_setup_starts_a_stopped_postgres_and_rabbitmq_then_leaves_them_running(
     stopped_postgres: tuple[str, int], stopped_rabbitmq: dict[str, str]
 ) -> None:
+    """`setup.sh services` starts a stopped PostgreSQL cluster and RabbitMQ node found by their
+    ports, and a second run finds both answering and starts nothing."""
     cluster, pg_port = stopped_postgres
     amqp_port = int(stopped_rabbitmq["RABBITMQ_NODE_PORT"])
     env = {

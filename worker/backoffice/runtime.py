@@ -4,8 +4,9 @@ senders and the recovery of refund requests, started and stopped in one cleanup 
 All of it runs on the back office's own small pool and tasks, apart from the lanes: a dead SMTP
 server, a slow host or a slow Stripe delays only its own work, never reconciliation. Stopping
 takes what the process's one shutdown budget leaves (worker/shutdown.py): the API's in-flight
-requests begin draining as soon as the stop begins, the loops finish the batch in hand (or are
-cut off: a cut-off send is due again after its lease, a cut-off refund is found by recovery).
+requests begin draining as soon as the stop begins; then the loops are cancelled — nothing of theirs
+needs finishing: a send cut off is due again when its lease ends (the receiver sees the same id
+twice at worst), a refund cut off after Stripe's answer is found at Stripe by the next recovery.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from worker.shutdown import REQUESTS_GRACE_S, SHUTDOWN, Deadline
 
 log = structlog.get_logger(__name__)
 
-LOOPS_STOP_S = 5.0  # what the loops get to finish the batch in hand before they are cancelled
+LOOPS_STOP_S = 5.0  # at most this long to see the cancelled loops end
 CLOSE_RESERVE_S = 5.0  # held back for the consumer's closing steps, which run after this
 
 
@@ -107,29 +108,30 @@ def add_backoffice(
             settings.host_webhook_url, settings.host_webhook_secret, timeout_s=timings.webhook_timeout_s
         )
         running = _Running()
-        running.start("outbox-email", OutboxSender(pool, "email", mail, timings.email).run_forever())
-        running.start(
-            "outbox-host-webhook",
-            OutboxSender(pool, "host_webhook", hooks, timings.host_webhook).run_forever(),
-        )
-        if refunds is not None:
-            submitter = Submitter(pool, refunds, timings.submit, after_stripe_answered)
-            running.start("refund-recovery", submitter.recover_forever())
-        if settings.api_enabled:
-            api = create_api_app(
-                settings,
-                stripe_api=refunds,
-                submit_timings=timings.submit,
-                after_stripe_answered=after_stripe_answered,
-            )
-            api_stop.runner = web.AppRunner(api, access_log=None, shutdown_timeout=REQUESTS_GRACE_S)
-            await api_stop.runner.setup()
-            await web.TCPSite(api_stop.runner, settings.api_host, settings.api_port).start()
-            log.info("backoffice_api_listening", host=settings.api_host, port=settings.api_port)
-        log.info("backoffice_started", api=settings.api_enabled, refunds=refunds is not None)
         try:
+            running.start("outbox-email", OutboxSender(pool, "email", mail, timings.email).run_forever())
+            running.start(
+                "outbox-host-webhook",
+                OutboxSender(pool, "host_webhook", hooks, timings.host_webhook).run_forever(),
+            )
+            if refunds is not None:
+                submitter = Submitter(pool, refunds, timings.submit, after_stripe_answered)
+                running.start("refund-recovery", submitter.recover_forever())
+            if settings.api_enabled:
+                api = create_api_app(
+                    settings,
+                    stripe_api=refunds,
+                    submit_timings=timings.submit,
+                    after_stripe_answered=after_stripe_answered,
+                )
+                api_stop.runner = web.AppRunner(api, access_log=None, shutdown_timeout=REQUESTS_GRACE_S)
+                await api_stop.runner.setup()
+                await web.TCPSite(api_stop.runner, settings.api_host, settings.api_port).start()
+                log.info("backoffice_api_listening", host=settings.api_host, port=settings.api_port)
+            log.info("backoffice_started", api=settings.api_enabled, refunds=refunds is not None)
             yield
         finally:
+            # Also on a failed start (the API port taken): close what was opened.
             deadline.start()
             await api_stop.wait(deadline.remaining(keep_s=CLOSE_RESERVE_S))
             await running.stop(min(LOOPS_STOP_S, deadline.remaining(keep_s=CLOSE_RESERVE_S)))

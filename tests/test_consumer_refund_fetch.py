@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 
@@ -163,3 +164,55 @@ async def test_without_api_key_rules_get_no_refunds_and_a_warning_is_logged(
 async def _applied_once(settings: Settings) -> bool:
     rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
     return bool(rows[0]["n"] == 1)
+
+
+async def test_a_fetch_that_still_fails_after_the_waiting_window_lets_the_rules_judge_without_it(
+    settings: Settings, amqp_url: str, fake_stripe: tuple[FakeStripe, str]
+) -> None:
+    """Rule 4 with a dead API: a checkpoint first seen longer ago than RECON_UNMATCHED_RETRY_S
+    whose refund fetch fails (every try a 500) is not deferred again; the real rules judge it
+    without the API, on this attempt: outcome 'mismatch', one refund_mismatch exception, no refund
+    row invented — a dead API parks nothing forever. The fetch was tried (max_tries requests) and
+    the failure logged without the key."""
+    import time
+
+    import structlog
+
+    from tests import builders as b
+    from tests import host_records as host
+    from worker.amqp import topology
+    from worker.consume.consumer import ConsumerTimings
+
+    api, base = fake_stripe
+    api.failures = 1_000
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await host.add_order_with_payment(con, "ORD-DEAD-API", "ch_dead_api", amount=5000)
+    finally:
+        await con.close()
+    charge = b.charge(charge_id="ch_dead_api", amount=5000, amount_refunded=1800)
+    checkpoint = b.charge_event("charge.refunded", charge, created=b.T0 + 60)
+    configured = dataclasses.replace(settings, stripe_api_key=API_KEY, stripe_api_base=base)
+    timings = ConsumerTimings(fetch=FetchTimings(try_timeout_s=1.0, max_tries=2, give_up_after_s=2.0))
+    long_ago_ms = int((time.time() - configured.unmatched_retry_s - 60) * 1000)
+    with structlog.testing.capture_logs() as logs:
+        async with feeder(amqp_url, configured) as feed, consumer_running(configured, timings=timings):
+            await feed.event(checkpoint, headers={topology.HEADER_FIRST_SEEN_MS: long_ago_ms})
+            await wait_until(lambda: _final(configured, checkpoint["id"]), what="a final outcome")
+    events = await fetch(configured.database_url, "select outcome, attempts from finance.events")
+    assert [tuple(r) for r in events] == [("mismatch", 1)]
+    raised = await fetch(configured.database_url, "select kind, stripe_event_id from finance.exceptions")
+    assert [tuple(r) for r in raised] == [("refund_mismatch", checkpoint["id"])]
+    assert await fetch(configured.database_url, "select 1 from finance.ledger where kind = 'refund'") == []
+    assert [q["charge"] for q in api.requests] == ["ch_dead_api"] * 2
+    failed = [line for line in logs if line["event"] == "refund_fetch_failed"]
+    assert len(failed) == 1 and API_KEY not in str(failed[0])
+
+
+async def _final(settings: Settings, event_id: str) -> bool:
+    rows = await fetch(
+        settings.database_url,
+        "select 1 from finance.events where stripe_event_id = $1 and outcome <> 'retrying'",
+        event_id,
+    )
+    return bool(rows)

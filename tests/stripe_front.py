@@ -9,8 +9,10 @@ what is left of the charge gets Stripe's ``charge_already_refunded`` refusal. Ev
 forwarded unchanged. It also counts the refunds created, and can refuse one charge with a given
 error, or answer 500 for the next N calls.
 
-localstripe runs once per module in a thread with a loop of its own (its aiohttp app is a module
-global), with its pickling to /tmp switched off, as tests/test_refund_fetch.py runs it.
+localstripe runs once per module in a thread with a loop of its own, with its pickling to /tmp
+switched off, as tests/test_refund_fetch.py runs it. Its aiohttp app is a module global bound to
+the first loop that runs it, so each thread here serves a fresh app with the same routes and
+middlewares (the store behind them is localstripe's one global store).
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ API_KEY = "sk_test_localstripe_backoffice"
 def localstripe_thread() -> Iterator[str]:
     """localstripe's API on a free port, served from a thread with its own event loop."""
     import localstripe.resources
-    from localstripe.server import app
+    from localstripe.server import app as shared
 
+    app = web.Application(middlewares=list(shared.middlewares))
+    app.on_response_prepare.extend(shared.on_response_prepare)
+    for route in shared.router.routes():
+        app.router.add_route(route.method, route.resource.canonical, route.handler)  # type: ignore[union-attr]
     store = localstripe.resources.store
     saved_dump = store.dump_to_disk
     store.dump_to_disk = lambda: None  # type: ignore[method-assign]

@@ -53,6 +53,16 @@ class Subscription:
             self.cancelled_by_broker = True
             log.error("consumer_cancelled_by_broker", queue=self.queue_name)
 
+    async def set_prefetch(self, prefetch: int, timeout_s: float) -> None:
+        """Consume with a new window. RabbitMQ binds a per-consumer prefetch to the consumers made
+        after the basic.qos (and quorum queues refuse the channel-wide kind), so the consumer is
+        cancelled and made again; what was delivered stays unacked on the channel, ours to finish."""
+        await self.channel.set_qos(prefetch_count=prefetch, timeout=timeout_s)  # kept for a reopen too
+        if self.tag is not None and not self.channel.is_closed:
+            underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
+            await underlay.basic_cancel(self.tag, timeout=timeout_s)
+            await self._consume()
+
     async def cancel(self, timeout_s: float) -> None:
         """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
         self.channel.reopen_callbacks.discard(self._consume)

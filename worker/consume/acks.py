@@ -27,7 +27,7 @@ class AckWindow:
 
     def __init__(self, channel: Any, max_held: int = DEFAULT_MAX_HELD) -> None:
         self.channel = channel
-        self._max_held = max_held
+        self.max_held = max_held
         self._outstanding: collections.deque[int] = collections.deque()
         self._finished: dict[int, Delivery] = {}
         self._settled: set[int] = set()  # finished and already acked or nacked on their own
@@ -52,7 +52,7 @@ class AckWindow:
             acked = await carrier.ack(multiple=True)
         for message in messages:
             tag = _tag(message)
-            if tag in self._finished and tag not in self._settled and self.held > self._max_held:
+            if tag in self._finished and tag not in self._settled and self.held > self.max_held:
                 self._settled.add(tag)
                 acked = await message.ack() and acked
         return acked
@@ -89,8 +89,14 @@ class Acks:
     """One AckWindow per consuming channel (a reconnect opens a new channel with new tags)."""
 
     def __init__(self, max_held: int = DEFAULT_MAX_HELD) -> None:
-        self._max_held = max_held
+        self.max_held = max_held
         self._windows: dict[int, AckWindow] = {}
+
+    def hold_at_most(self, max_held: int) -> None:
+        """A new bound for the windows, when the prefetch changes (a quarter of it, as at start)."""
+        self.max_held = max_held
+        for window in self._windows.values():
+            window.max_held = max_held
 
     def window(self, message: Delivery) -> AckWindow:
         channel = message.channel
@@ -98,7 +104,7 @@ class Acks:
         if window is None or window.channel is not channel:
             # Forget windows of closed channels: their deliveries come back on the new one.
             self._windows = {key: w for key, w in self._windows.items() if not w.channel.is_closed}
-            window = self._windows[id(channel)] = AckWindow(channel, self._max_held)
+            window = self._windows[id(channel)] = AckWindow(channel, self.max_held)
         return window
 
     def delivered(self, message: Delivery) -> None:

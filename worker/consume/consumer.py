@@ -11,7 +11,7 @@ Everything is started and stopped in ``consumer_ctx``, an aiohttp cleanup contex
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -57,17 +57,62 @@ class ConsumerTimings:
     db_retry_for_s: float = 20.0  # a batch rides out database trouble this long, then defers
     fetch: FetchTimings = FetchTimings()
     drain: DrainTimings = DrainTimings()
-    depth_every_s: float = 5.0
+    # How often the queues' depth is read: the gauge, and the prefetch window's cue (PrefetchWindow).
+    depth_every_s: float = 1.0
     check_timeout_s: float = 2.0
     shutdown: Callable[[], Deadline] = field(default=Deadline, compare=False)
 
 
 def prefetch_for(settings: Settings) -> int:
-    """RECON_WORKER_CONCURRENCY is the contract's "messages in flight per worker process": the
-    broker stops delivering at that many unacked. Throughput wants every lane to find a full
-    batch waiting while its previous one commits, i.e. about 2 × lanes × MAX_BATCH (200): the
-    default of 32 trades throughput for a small in-flight window (docs/performance.md)."""
+    """RECON_WORKER_CONCURRENCY: the messages in flight per worker process while the queue keeps
+    up (the broker stops delivering at that many unacked). A small window keeps one event's wait
+    short; under a backlog PrefetchWindow widens it to ``burst_prefetch_for``."""
     return settings.worker_concurrency
+
+
+# Throughput wants every lane to find a full batch waiting while its previous one commits: about
+# 2 × lanes × MAX_BATCH, doubled for the acks held back (docs/performance.md has the runs).
+BURST_PREFETCH = 4 * LANE_COUNT * MAX_BATCH
+
+
+def burst_prefetch_for(settings: Settings) -> int:
+    return max(settings.worker_concurrency, BURST_PREFETCH)
+
+
+@dataclass(slots=True)
+class PrefetchWindow:
+    """Small while the work queue is empty, wide under a backlog: the default settings drain a
+    backlog fast and still hand a lone event to a lane at once.
+
+    Widened when more messages wait in the queue than the small window holds; narrowed once the
+    queue has been empty ``calm_reads`` depth reads in a row (a lull between two bursts keeps it).
+    """
+
+    subscription: Subscription
+    acks: Acks
+    small: int
+    wide: int
+    timeout_s: float
+    calm_reads: int = 3
+    current: int = 0
+    _empty_reads: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = self.small
+
+    async def observe(self, ready: int) -> None:
+        """One depth reading of the work queue (messages ready, not yet delivered)."""
+        self._empty_reads = self._empty_reads + 1 if ready == 0 else 0
+        if self.current == self.small and ready > self.small and self.wide > self.small:
+            await self._set(self.wide, ready)
+        elif self.current == self.wide and self._empty_reads >= self.calm_reads:
+            await self._set(self.small, ready)
+
+    async def _set(self, prefetch: int, ready: int) -> None:
+        await self.subscription.set_prefetch(prefetch, self.timeout_s)
+        self.acks.hold_at_most(max(1, prefetch // 4))
+        self.current = prefetch
+        log.info("prefetch_changed", prefetch=prefetch, ready=ready)
 
 
 def lane_count(settings: Settings) -> int:
@@ -85,6 +130,7 @@ class Consumer:
     fetcher: StripeRefunds | None
     consuming: list[Subscription]
     acks: Acks
+    window: PrefetchWindow | None = None
     monitor: asyncio.Task[None] | None = None
 
     async def on_event(self, message: Delivery) -> None:
@@ -218,11 +264,17 @@ async def _wire(
     consumer.lanes.start()
     consumer.dead_lanes.start()
     prefetch = prefetch_for(settings)
-    consumer.consuming.append(await subscribe(connection, topology.WORK_QUEUE, prefetch, consumer.on_event))
+    work = await subscribe(connection, topology.WORK_QUEUE, prefetch, consumer.on_event)
+    consumer.consuming.append(work)
+    consumer.window = PrefetchWindow(
+        work, acks, prefetch, burst_prefetch_for(settings), timings.check_timeout_s
+    )
     consumer.consuming.append(
         await subscribe(connection, topology.DEAD_QUEUE, DEAD_LETTER_PREFETCH, consumer.on_dead_letter)
     )
-    monitor = watch_queue_depth(connection, timings.depth_every_s, timings.check_timeout_s)
+    monitor = watch_queue_depth(
+        connection, timings.depth_every_s, timings.check_timeout_s, on_work_depth=consumer.window.observe
+    )
     consumer.monitor = asyncio.create_task(monitor, name="queue-depth")
     log.info("consumer_started", prefetch=prefetch, lanes=lane_count(settings), max_batch=MAX_BATCH)
     return consumer
@@ -236,8 +288,10 @@ async def watch_queue_depth(
     every_s: float,
     timeout_s: float,
     queues: Sequence[str] = WATCHED_QUEUES,
+    on_work_depth: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
-    """Every ``every_s``, the ready count of the work, dead-letter and parked queues (passive declare)."""
+    """Every ``every_s``, the ready count of the work, dead-letter and parked queues (passive
+    declare), into the gauge and, for the work queue, to ``on_work_depth``."""
     channel: AbstractChannel = await connection.channel()
     unavailable = False
     while True:
@@ -246,6 +300,8 @@ async def watch_queue_depth(
             for name in queues:
                 declared = await underlay.queue_declare(name, passive=True, timeout=timeout_s)
                 metrics.QUEUE_DEPTH.labels(name).set(declared.message_count or 0)
+                if name == topology.WORK_QUEUE and on_work_depth is not None:
+                    await on_work_depth(declared.message_count or 0)
             unavailable = False
         except Exception as exc:  # a broker outage: the gauge keeps its last value until it is back
             if not unavailable:  # once per outage, not every few seconds

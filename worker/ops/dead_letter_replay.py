@@ -65,13 +65,13 @@ def _one_line(error: str | None) -> str:
 
 def _as_dict(row: asyncpg.Record) -> dict[str, Any]:
     return {
-            "event_id": row["event_id"],
-            "event_type": row["event_type"],
-            "attempts": row["attempts"],
-            "last_error": row["last_error"],
-            "first_seen_at": _iso(row["first_seen_at"]),
-            "last_seen_at": _iso(row["last_seen_at"]),
-        }
+        "event_id": row["event_id"],
+        "event_type": row["event_type"],
+        "attempts": row["attempts"],
+        "last_error": row["last_error"],
+        "first_seen_at": _iso(row["first_seen_at"]),
+        "last_seen_at": _iso(row["last_seen_at"]),
+    }
 
 
 def _as_table(rows: list[asyncpg.Record]) -> str:

@@ -62,7 +62,9 @@ AMQP_BASE = os.environ.get("RECON_BENCH_AMQP_BASE", "amqp://guest:guest@127.0.0.
 EVENTS_PER_CHARGE = 2.9  # what tests/event_stream.py produces on average, duplicates included
 PUBLISH_IN_FLIGHT = 500
 LOG_LEVEL = "info"  # production's default: one JSON line per event is part of the cost
-CONCURRENCY = 400  # RECON_WORKER_CONCURRENCY for the measured worker (--concurrency)
+# RECON_WORKER_CONCURRENCY for the measured worker: the product's default unless --concurrency says
+# otherwise (users run the defaults; the prefetch window widens by itself under a backlog).
+CONCURRENCY = Settings().worker_concurrency
 
 
 # ------------------------------------------------------------------------------ environment
@@ -594,8 +596,13 @@ def _print(results: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000, help="messages in the queue for the drain")
-    parser.add_argument("--e2e-events", type=int, default=20_000, help="webhooks for the end-to-end run")
-    parser.add_argument("--rate", type=float, default=1500.0, help="end-to-end POSTs per second (open loop)")
+    parser.add_argument("--e2e-events", type=int, default=3_000, help="webhooks for the end-to-end run")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=100.0,
+        help="end-to-end POSTs per second (open loop; 100: the lag target)",
+    )
     parser.add_argument("--pgbench-s", type=int, default=20, help="pgbench duration")
     parser.add_argument("--skip-pgbench", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
@@ -604,7 +611,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="py-spy our processes (drain and end to end)")
     parser.add_argument(
-        "--concurrency", type=int, default=400, help="the worker's RECON_WORKER_CONCURRENCY (prefetch)"
+        "--concurrency",
+        type=int,
+        default=Settings().worker_concurrency,
+        help="the worker's RECON_WORKER_CONCURRENCY (default: the product's default)",
     )
     parser.add_argument("--pg-socket", action="store_true", help="worker and pgbench use the Unix socket")
     parser.add_argument(

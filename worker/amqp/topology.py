@@ -2,12 +2,17 @@
 
 Path of a message:
   stripe.events (topic, key = event type) ──▶ recon.events (quorum work queue)
-  worker defers  ──▶ recon.retry.<delay> (classic, TTL) ──dead-letters back──▶ recon.events
+  worker defers  ──▶ recon.wait.<delay> (quorum, TTL) ──dead-letters back──▶ recon.events
   worker gives up ──▶ recon.dead (fanout) ──▶ recon.dead-letters
   a dead letter the database refuses to record ──▶ recon.dead-letters.parked (for an operator)
   a message redelivered x-delivery-limit times (a crash loop) is dead-lettered by RabbitMQ
   itself into recon.dead, at-least-once.
 deploy/rabbitmq/definitions.json is generated from ``definitions()``; a test keeps them equal.
+
+Every queue is a quorum queue, so a cluster that loses one node loses no message, waiting ones
+included. The wait queues were classic ``recon.retry.<delay>`` queues before; a queue's type cannot
+change in place, so the quorum ones carry a new name and ``declare`` deletes the classic ones once
+they are empty (``retire_classic_wait_queues``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel
 
 from worker.events import HANDLED_TYPES
@@ -26,7 +32,9 @@ WORK_QUEUE = "recon.events"
 DEAD_EXCHANGE = "recon.dead"
 DEAD_QUEUE = "recon.dead-letters"
 PARKED_QUEUE = "recon.dead-letters.parked"
-RETRY_QUEUE_PREFIX = "recon.retry."
+RETRY_QUEUE_PREFIX = "recon.wait."
+# Where the wait queues lived while they were classic queues (up to the quorum wait queues).
+CLASSIC_RETRY_QUEUE_PREFIX = "recon.retry."
 
 HEADER_CREATED = "stripe-created"
 HEADER_ATTEMPT = "x-recon-attempt"  # 1 on first delivery, +1 per deferral or failure
@@ -36,9 +44,18 @@ HEADER_ERROR = "x-recon-error"  # last error, on dead-lettered messages
 HEADER_PARK_ERROR = "x-recon-park-error"  # why a dead letter could not be recorded, on parked ones
 
 
-def retry_queue_name(delay_s: float) -> str:
+def _delay_suffix(delay_s: float) -> str:
     ms = round(delay_s * 1000)
-    return f"{RETRY_QUEUE_PREFIX}{ms // 1000}s" if ms % 1000 == 0 else f"{RETRY_QUEUE_PREFIX}{ms}ms"
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def retry_queue_name(delay_s: float) -> str:
+    return RETRY_QUEUE_PREFIX + _delay_suffix(delay_s)
+
+
+def classic_retry_queue_name(delay_s: float) -> str:
+    """The name this delay's wait queue had as a classic queue: retired by ``declare``."""
+    return CLASSIC_RETRY_QUEUE_PREFIX + _delay_suffix(delay_s)
 
 
 def retry_delay_for(attempt: int, delays_s: tuple[float, ...]) -> float:
@@ -73,11 +90,18 @@ def retry_queues(delays_s: tuple[float, ...]) -> list[QueueSpec]:
         QueueSpec(
             retry_queue_name(delay),
             {
+                # Replicated like the work queue: a node lost with its disk loses no waiting event.
+                # Message TTL on quorum queues needs RabbitMQ 3.10.
+                "x-queue-type": "quorum",
                 "x-message-ttl": round(delay * 1000),
                 "x-dead-letter-exchange": "",
                 # Without the routing key an expired message keeps the wait queue's name as key
                 # and is silently dropped.
                 "x-dead-letter-routing-key": WORK_QUEUE,
+                # The expired message stays here until recon.events confirms it, even across a
+                # leader change; at-most-once (the default) could drop it on the way back.
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             },
         )
         for delay in delays_s
@@ -108,6 +132,26 @@ async def declare(channel: AbstractChannel, max_attempts: int, retry_delays_s: t
     await dead_letters.bind(dead, routing_key="")
     parked = parked_queue()
     await channel.declare_queue(parked.name, durable=True, arguments=parked.arguments)
+    await retire_classic_wait_queues(channel, retry_delays_s)
+
+
+async def retire_classic_wait_queues(channel: AbstractChannel, retry_delays_s: tuple[float, ...]) -> None:
+    """Delete the classic ``recon.retry.<delay>`` queues of an older release, each only once empty.
+
+    Nothing publishes to them any more, but one may still hold deferred events: its TTL and
+    dead-letter arguments keep returning them to recon.events, and the broker refuses the
+    ``if_empty`` delete until the last one left. So no event is lost, no operator step is
+    needed, and the queue goes at the first start-up after it emptied. Each attempt runs on a
+    raw channel of its own, because a refusal closes the channel and a robust one would reopen.
+    """
+    underlay = await channel.get_underlay_channel()
+    for delay in retry_delays_s:
+        scratch = await underlay.connection.channel(publisher_confirms=False)
+        try:
+            await scratch.queue_delete(classic_retry_queue_name(delay), if_empty=True)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            continue  # still holds deferred events: next start-up
+        await scratch.close()
 
 
 def definitions(

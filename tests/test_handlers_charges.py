@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
 from tests import builders as b
 from tests import host_records as h
@@ -151,3 +152,33 @@ async def test_older_charge_snapshot_after_a_newer_one_is_stale(con: asyncpg.Con
     assert late.outcome == "stale"
     row = await h.inbox(con, late_event["id"])
     assert (row["outcome"], row["processed_at"] is not None) == ("stale", True)
+
+
+@pytest.mark.parametrize("later_id", ["evt_tie_0", "evt_tie_9"])
+async def test_full_tie_of_charge_snapshots_keeps_the_stored_one(
+    con: asyncpg.Connection, later_id: str
+) -> None:
+    """Rule 3 "on a full tie it keeps its value", for the charge snapshot rule 4 judges checkpoints
+    by: a second charge.refunded of the same second (same created, same rank) does not replace the
+    snapshot stored first, whatever its event id: it is not judged (its larger amount_refunded
+    raises no retry), its outcome is 'stale', and the payment's snapshot still names the first."""
+    await h.add_order_with_payment(con, "O-1", "ch_1", amount=1000)
+    first_refund = b.refund(charge_id="ch_1", amount=300, refund_id="re_1")
+    first = b.charge_event(
+        "charge.refunded",
+        b.charge(charge_id="ch_1", refunds=[first_refund]),
+        created=b.T0 + 5,
+        event_id="evt_tie_5",
+        api_version=b.OLD_API_VERSION,
+    )
+    tie = b.charge_event(
+        "charge.refunded",
+        b.charge(charge_id="ch_1", amount_refunded=500),
+        created=b.T0 + 5,
+        event_id=later_id,
+    )
+    assert (await h.apply(con, b.incoming(first))).outcome == "applied"
+    result = await h.apply(con, b.incoming(tie))
+    assert result.outcome == "stale"
+    assert await con.fetchval("select snapshot_event_id from recon.payments") == "evt_tie_5"
+    assert await h.ledger(con, "ch_1") == [("charge", 1000, "usd", "ch_1"), ("refund", -300, "usd", "re_1")]

@@ -66,9 +66,69 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--currency", type=str.lower, metavar="CUR")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
+    _add_exceptions(commands)
+    _add_refunds(commands)
+
+    verify = commands.add_parser("verify", help="compare the ledger with the Stripe API; exit 1 on drift")
+    verify.add_argument("--since", type=parse_day, metavar="DATE")
+    verify.add_argument("--until", type=parse_day, metavar="DATE")
+    verify.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
+    payouts = commands.add_parser("payouts", help="reconcile paid-out payouts not yet matched")
+    payouts.add_argument("--since", type=parse_day, metavar="DATE")
+    payouts.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+
     demo = commands.add_parser("demo", help="seed sample data and send signed webhooks to a running receiver")
     demo.add_argument("--url", help="receiver base URL (default: from RECON_HTTP_HOST/RECON_HTTP_PORT)")
     return parser
+
+
+def _add_exceptions(commands: argparse._SubParsersAction[_Parser]) -> None:
+    exceptions = commands.add_parser(
+        "exceptions", help="list, resolve and retry the exceptions to work through"
+    )
+    sub = exceptions.add_subparsers(dest="exceptions_command", required=True, parser_class=_Parser)
+    listing = sub.add_parser("list", help="list exceptions, newest first")
+    listing.add_argument("--open", action="store_true", help="only those not resolved")
+    listing.add_argument("--kind", metavar="KIND", help="only this kind (e.g. unmatched_charge)")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    resolve = sub.add_parser("resolve", help="mark exceptions resolved, with a note")
+    resolve.add_argument("ids", nargs="+", type=int, metavar="ID")
+    resolve.add_argument("--note", required=True, help="why it is resolved (kept with it)")
+    resolve.add_argument("--by", default=None, help="who resolved it (default: the OS user)")
+    retry = sub.add_parser("retry", help="re-queue the event behind an unmatched_charge or refund_mismatch")
+    retry.add_argument("ids", nargs="+", type=int, metavar="ID")
+
+
+def _add_refunds(commands: argparse._SubParsersAction[_Parser]) -> None:
+    refund = commands.add_parser("refund", help="start a refund from the back office (capped, with a reason)")
+    owner = refund.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--order", metavar="N", help="order number")
+    owner.add_argument("--invoice", metavar="N", help="invoice number")
+    owner.add_argument("--charge", metavar="ch_...", help="a Stripe charge id")
+    refund.add_argument("--amount", type=_minor_units, metavar="MINOR", help="default: all refundable now")
+    refund.add_argument(
+        "--reason", required=True, choices=("duplicate", "fraudulent", "requested_by_customer", "other")
+    )
+    refund.add_argument("--note", help="required with --reason other")
+    refund.add_argument("--no-notify", action="store_true", help="do not e-mail the buyer")
+    refund.add_argument("--message", help="a line for the buyer's e-mail")
+    reject = commands.add_parser(
+        "reject-order", help="reject an order and refund everything refundable on it"
+    )
+    reject.add_argument("number", metavar="N")
+    reject.add_argument("--note", required=True)
+
+
+def _minor_units(text: str) -> int:
+    """An --amount: a positive whole number of the currency's minor units (1000 = $10.00, ¥1000)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of minor units: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,6 +173,54 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _exceptions(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops import exceptions
+
+    if args.exceptions_command == "list":
+        return asyncio.run(
+            exceptions.list_exceptions(settings, open_only=args.open, kind=args.kind, as_json=args.json)
+        )
+    if args.exceptions_command == "resolve":
+        return asyncio.run(exceptions.resolve(settings, args.ids, note=args.note, by=args.by))
+    return asyncio.run(exceptions.retry(settings, args.ids))
+
+
+def _refund(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops import refund_command
+
+    return asyncio.run(
+        refund_command.refund(
+            settings,
+            order=args.order,
+            invoice=args.invoice,
+            charge=args.charge,
+            amount=args.amount,
+            reason=args.reason,
+            note=args.note,
+            notify_buyer=not args.no_notify,
+            message=args.message,
+        )
+    )
+
+
+def _reject_order(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops import refund_command
+
+    return asyncio.run(refund_command.reject_order(settings, args.number, note=args.note))
+
+
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops import verify
+
+    return asyncio.run(verify.verify(settings, since=args.since, until=args.until, as_json=args.json))
+
+
+def _payouts(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.ops import payouts
+
+    return asyncio.run(payouts.reconcile_payouts(settings, since=args.since, as_json=args.json))
+
+
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.demo.command import run_demo
 
@@ -129,6 +237,11 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "backfill": _backfill,
     "report": _report,
     "demo": _demo,
+    "exceptions": _exceptions,
+    "refund": _refund,
+    "reject-order": _reject_order,
+    "verify": _verify,
+    "payouts": _payouts,
 }
 
 

@@ -35,8 +35,12 @@ def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
     if mode in ("worker", "run"):
         from worker.backoffice.runtime import add_backoffice
         from worker.consume.consumer import consumer_ctx
+        from worker.payouts import payouts_ctx
 
         app.cleanup_ctx.append(consumer_ctx(settings))
+        # The payout reconciler and the periodic drift check (rule 13, 14): their own loops, never
+        # a lane's; they read the Stripe API outside any transaction.
+        app.cleanup_ctx.append(payouts_ctx(settings))
         # After the consumer: cleanup runs in reverse, so the API stops taking refunds before the
         # lanes drain. The outbox senders and refund recovery run whether or not the API is on.
         _refuse_shared_api_port(settings, port)

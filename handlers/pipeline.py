@@ -7,9 +7,10 @@ event, in delivery order, reads its rows (``row``) and decides what they mean. A
 returns exactly one row per execution, so its n-th execution is its n-th row.
 
 Statements of different texts touch different objects (refunds, disputes, dispute balance
-transactions) and never read each other's rows, so running them text by text leaves the database
-as running them in event order would; only the ids of audit and ledger rows are ordered
-differently.
+transactions), so running them text by text leaves the database as running them in event order
+would; only the ids of audit and ledger rows are ordered differently. The one text that reads
+another's rows is the refund follow-up (handlers/refunds.py), always added right after the refund
+statement and so run after every execution of it.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from worker.amqp import topology
 from worker.amqp.publisher import Publisher, PublishFailed
 from worker.ops import dead_letter_replay as deadletters
 from worker.settings import Settings
+from worker.workbench import dead_letters as replay_work
 
 
 async def _store_dead_letter(
@@ -291,7 +292,7 @@ async def test_a_replay_the_broker_does_not_confirm_stays_waiting(
     good, refused = _refund_event("ch_ok", 100), _refund_event("ch_nack", 200)
     for event in (good, refused):
         await _store_dead_letter(settings.database_url, event, error="poison")
-    real_session = deadletters.publisher_session
+    real_session = replay_work.publisher_session
 
     class NackingPublisher:
         def __init__(self, real: Publisher) -> None:
@@ -307,7 +308,7 @@ async def test_a_replay_the_broker_does_not_confirm_stays_waiting(
         async with real_session(s) as publisher:
             yield NackingPublisher(publisher)
 
-    monkeypatch.setattr(deadletters, "publisher_session", nacking_session)
+    monkeypatch.setattr(replay_work, "publisher_session", nacking_session)
 
     assert await deadletters.replay(settings, [], replay_all=True) == 1
 

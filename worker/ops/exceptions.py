@@ -1,13 +1,7 @@
 """``recon exceptions list|resolve|retry``: work through what the worker could not settle alone.
 
-Exceptions are raised by the rules (unmatched charges, refund mismatches, over-refunds, failed
-refunds, dead letters, drift, payout differences) and stay open until someone resolves them with a
-note, or, for an ``unmatched_charge`` or ``refund_mismatch``, until a retried event applies.
-
-A retry re-publishes the event's stored raw body as a fresh delivery. The inbox row is reset to
-``retrying`` with a new first-seen time *and committed* before the publish: a worker that picks
-the message up at once must find the event not yet final, and must count the waiting window from
-now. If the broker then refuses the message, the inbox row is put back as it was.
+What each does is worker/workbench/exceptions.py, shared with the ops console; this module prints
+its answers and turns them into exit codes.
 """
 
 from __future__ import annotations
@@ -16,104 +10,18 @@ import getpass
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from worker.amqp import topology
-from worker.amqp.publisher import PublishFailed, event_message, publisher_session
 from worker.ops.text_table import render_table
 from worker.settings import Settings, SettingsError
+from worker.workbench import exceptions as work
+from worker.workbench.exceptions import KINDS, RETRYABLE
 
 EXIT_USAGE = 2
 DETAIL_CELL_CHARS = 50
-KINDS = (
-    "unmatched_charge",
-    "refund_mismatch",
-    "over_refund",
-    "currency_mismatch",
-    "dead_lettered",
-    "refund_failed",
-    "drift",
-    "payout_difference",
-)
-RETRYABLE = ("unmatched_charge", "refund_mismatch")
-
-_LIST_SQL = """
-select id, raised_at, kind, stripe_event_id, stripe_object_id, detail, resolved_at, resolved_by,
-       resolution_note
-from recon.exceptions
-where ($1::boolean is false or resolved_at is null) and ($2::text is null or kind = $2)
-order by raised_at desc, id desc
-"""
-
-# Resolving writes one audit row per exception it closed; ids already resolved are left as they are.
-_RESOLVE_SQL = """
-with closed as (
-    update recon.exceptions
-    set resolved_at = now(), resolved_by = $2, resolution_note = $3
-    where id = any($1::bigint[]) and resolved_at is null
-    returning id, kind, stripe_event_id, stripe_object_id
-), audited as (
-    insert into recon.audit_log (action, stripe_event_id, stripe_object_id, detail)
-    select 'exception_resolved', c.stripe_event_id, c.stripe_object_id,
-           jsonb_build_object('exception_id', c.id, 'kind', c.kind, 'by', $2::text)
-    from closed c
-)
-select id from closed
-"""
-
-_LOCK_FOR_RETRY_SQL = """
-select e.id, e.kind, e.stripe_event_id, e.resolved_at, i.type, i.created, i.outcome,
-       i.first_seen_at, i.processed_at, b.body
-from recon.exceptions e
-left join recon.event_inbox i on i.event_id = e.stripe_event_id
-left join recon.event_bodies b on b.event_id = e.stripe_event_id
-where e.id = any($1::bigint[])
-order by e.id
-for update of e
-"""
-
-# A fresh waiting window: the claim keeps the earliest first_seen_at it has seen, so it is reset here.
-_RESET_INBOX_SQL = """
-update recon.event_inbox
-set outcome = 'retrying', processed_at = null, first_seen_at = now(), attempts = 0
-where event_id = $1
-"""
-_AUDIT_RETRY_SQL = """
-insert into recon.audit_log (action, stripe_event_id, detail)
-values ('exception_retried', $1, jsonb_build_object('exception_id', $2::bigint, 'kind', $3::text))
-"""
-_RESTORE_INBOX_SQL = """
-update recon.event_inbox
-set outcome = $2, first_seen_at = $3, processed_at = $4
-where event_id = $1 and outcome = 'retrying'
-"""
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat(timespec="seconds") if moment else None
-
-
-def _detail(raw: Any) -> dict[str, Any]:
-    # asyncpg returns jsonb as text unless a codec is set; these commands use plain connections.
-    return json.loads(raw) if isinstance(raw, str) else dict(raw or {})
-
-
-def _as_dict(row: asyncpg.Record) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "raised_at": _iso(row["raised_at"]),
-        "kind": row["kind"],
-        "stripe_event_id": row["stripe_event_id"],
-        "stripe_object_id": row["stripe_object_id"],
-        "detail": _detail(row["detail"]),
-        "resolved_at": _iso(row["resolved_at"]),
-        "resolved_by": row["resolved_by"],
-        "resolution_note": row["resolution_note"],
-    }
+__all__ = ["KINDS", "RETRYABLE", "list_exceptions", "resolve", "retry"]
 
 
 def _short(detail: dict[str, Any]) -> str:
@@ -146,7 +54,7 @@ async def list_exceptions(settings: Settings, *, open_only: bool, kind: str | No
         raise SettingsError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     con = await asyncpg.connect(settings.database_url)
     try:
-        items = [_as_dict(r) for r in await con.fetch(_LIST_SQL, open_only, kind)]
+        items = [work.as_dict(r) for r in await work.list_exceptions(con, open_only=open_only, kind=kind)]
     finally:
         await con.close()
     if as_json:
@@ -169,76 +77,17 @@ async def resolve(settings: Settings, ids: Sequence[int], *, note: str, by: str 
     """Resolve the named exceptions with a note; exit 2 when an id does not exist."""
     if not note.strip():
         raise SettingsError("--note must say why the exceptions are resolved")
-    who = by or _default_by()
     con = await asyncpg.connect(settings.database_url)
     try:
-        async with con.transaction():
-            known = {
-                r["id"] for r in await con.fetch("select id from recon.exceptions where id = any($1)", ids)
-            }
-            unknown = sorted(set(ids) - known)
-            if unknown:
-                print(f"recon: error: no such exception: {', '.join(map(str, unknown))}", file=sys.stderr)
-                return EXIT_USAGE
-            closed = {r["id"] for r in await con.fetch(_RESOLVE_SQL, list(ids), who, note.strip())}
+        closed = await work.resolve(con, ids, note=note, by=by or _default_by())
+    except work.UnknownExceptions as unknown:
+        print(f"recon: error: {unknown}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         await con.close()
     for exception_id in ids:
         print(f"{'resolved' if exception_id in closed else 'already resolved'} {exception_id}")
     return 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Retry:
-    exception_id: int
-    kind: str
-    event_id: str
-    event_type: str
-    created: int
-    body: bytes
-    # The inbox row as it was, to put back if the broker refuses the message.
-    outcome: str
-    first_seen_at: datetime | None
-    processed_at: datetime | None
-
-
-def _why_not_retryable(row: asyncpg.Record) -> str | None:
-    if row["kind"] not in RETRYABLE:
-        return f"is {row['kind']}: only {' and '.join(RETRYABLE)} can be retried"
-    if row["resolved_at"] is not None:
-        return "is already resolved"
-    if row["body"] is None or row["type"] is None:
-        return "has no stored event body (raised before bodies were kept): use recon backfill"
-    return None
-
-
-async def _reset_for_retry(con: asyncpg.Connection, ids: Sequence[int]) -> list[_Retry] | str:
-    """Lock the exceptions, reset their events' inbox rows and audit; a reason string on refusal."""
-    rows = await con.fetch(_LOCK_FOR_RETRY_SQL, list(ids))
-    unknown = sorted(set(ids) - {r["id"] for r in rows})
-    if unknown:
-        return f"no such exception: {', '.join(map(str, unknown))}"
-    refusals = [f"exception {r['id']} {why}" for r in rows if (why := _why_not_retryable(r))]
-    if refusals:
-        return "; ".join(refusals)
-    retries = [
-        _Retry(
-            r["id"],
-            r["kind"],
-            r["stripe_event_id"],
-            r["type"],
-            int(r["created"].timestamp()),
-            bytes(r["body"]),
-            r["outcome"],
-            r["first_seen_at"],
-            r["processed_at"],
-        )
-        for r in rows
-    ]
-    for retry in retries:
-        await con.execute(_RESET_INBOX_SQL, retry.event_id)
-        await con.execute(_AUDIT_RETRY_SQL, retry.event_id, retry.exception_id, retry.kind)
-    return retries
 
 
 async def retry(settings: Settings, ids: Sequence[int]) -> int:
@@ -249,51 +98,16 @@ async def retry(settings: Settings, ids: Sequence[int]) -> int:
     """
     con = await asyncpg.connect(settings.database_url)
     try:
-        async with con.transaction():
-            reset = await _reset_for_retry(con, ids)
-        if isinstance(reset, str):
-            print(f"recon: error: {reset}", file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            refused = await _publish(settings, reset)
-        except BaseException:
-            # Broker unreachable: nothing was queued, so no event may be left looking in flight.
-            await _restore(con, reset)
-            raise
-        await _restore(con, refused)
+        outcome = await work.retry(con, settings, ids)
+    except work.RetryRefused as refused:
+        print(f"recon: error: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         await con.close()
-    for item in reset:
-        if item not in refused:
-            print(f"retrying exception {item.exception_id}: {item.event_type} {item.event_id}")
-    if refused:
-        names = ", ".join(str(item.exception_id) for item in refused)
+    for item in outcome.queued:
+        print(f"retrying exception {item.exception_id}: {item.event_type} {item.event_id}")
+    if outcome.refused:
+        names = ", ".join(str(item.exception_id) for item in outcome.refused)
         print(f"recon: error: the broker did not take the events of exceptions {names}", file=sys.stderr)
         return 1
     return 0
-
-
-async def _restore(con: asyncpg.Connection, items: list[_Retry]) -> None:
-    for item in items:
-        await con.execute(
-            _RESTORE_INBOX_SQL, item.event_id, item.outcome, item.first_seen_at, item.processed_at
-        )
-
-
-async def _publish(settings: Settings, retries: list[_Retry]) -> list[_Retry]:
-    """Publish each event as a fresh delivery (attempt 1, first seen now); returns those refused."""
-    refused: list[_Retry] = []
-    async with publisher_session(settings) as publisher:
-        for item in retries:
-            message = event_message(
-                item.body,
-                item.event_id,
-                item.event_type,
-                item.created,
-                headers={topology.HEADER_ATTEMPT: 1, topology.HEADER_FAILURES: 0},
-            )
-            try:
-                await publisher.publish_to_queue(message, topology.WORK_QUEUE)
-            except PublishFailed:
-                refused.append(item)
-    return refused

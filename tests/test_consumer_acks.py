@@ -150,3 +150,15 @@ async def test_a_batch_over_the_held_limit_acks_only_down_to_the_limit() -> None
     await acks.ack(m[0])
     assert channel.frames[-1] == ("ack", 6, True)
     assert acked_up_to(channel.frames) == set(range(1, 7))
+
+
+async def test_a_requeue_at_the_head_releases_the_run_held_behind_it() -> None:
+    """Finished deliveries held behind an unfinished one are acked, in one multiple frame after
+    the requeue, when that one is requeued instead: the requeue counts as finished."""
+    channel = FakeChannel()
+    acks = Acks(max_held=100)
+    m = deliver(acks, channel, 3)
+    await acks.ack(m[1], m[2])
+    assert channel.frames == []
+    await acks.nack(m[0])
+    assert channel.frames == [("nack", 1, True), ("ack", 3, True)]

@@ -319,3 +319,46 @@ async def test_a_replay_the_broker_does_not_confirm_stays_waiting(
         settings.database_url, "select event_id from recon.dead_letters where replayed_at is null"
     )
     assert [r["event_id"] for r in waiting] == [refused["id"]]
+
+
+class _DeadDelivery:
+    """Just what dead_letter_from reads of a delivery from recon.dead-letters."""
+
+    def __init__(self, body: bytes, headers: dict[str, Any]) -> None:
+        self.body, self.headers = body, headers
+        self.message_id, self.type = "evt_from_props", "refund.created"
+
+
+@pytest.mark.parametrize(
+    ("headers", "error", "attempts"),
+    [
+        (
+            {topology.HEADER_ERROR: b"KeyError: 'amount'", topology.HEADER_FAILURES: 3},
+            "KeyError: 'amount'",
+            3,
+        ),
+        ({"x-death": [{"reason": b"delivery_limit"}]}, "delivery limit reached", 9),
+        ({"x-death": [{"reason": 7}]}, "delivery limit reached", 9),  # unreadable: as a crash loop
+        ({}, "delivery limit reached", 9),
+        (
+            {"x-death": [{"reason": "expired"}], topology.HEADER_ATTEMPT: 2},
+            "dead-lettered by RabbitMQ: expired",
+            2,
+        ),
+        ({"x-death": [{"reason": b"rejected"}]}, "dead-lettered by RabbitMQ: rejected", 1),
+    ],
+)
+def test_a_dead_letter_says_who_gave_up_and_why(headers: dict[str, Any], error: str, attempts: int) -> None:
+    """The worker's own error header wins (bytes or text); else RabbitMQ's x-death reason: a
+    delivery limit (or none readable) is a crash loop counted at the limit + 1, any other reason is
+    named as RabbitMQ's; a body that is not an event takes its identity from the properties."""
+    from worker.consume.dead_letter_drain import dead_letter_from
+
+    dead = dead_letter_from(_DeadDelivery(b"not json", headers), 8)  # type: ignore[arg-type]
+    assert dead.error.startswith(error) and dead.attempts == attempts
+    assert (dead.event_id, dead.event_type, dead.created, dead.object_id) == (
+        "evt_from_props",
+        "refund.created",
+        None,
+        None,
+    )

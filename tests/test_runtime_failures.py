@@ -6,6 +6,8 @@ tests/test_consumer_refund_fetch.py, next to the fake Stripe API it needs.)"""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 from typing import Any
 
 import asyncpg
@@ -14,6 +16,7 @@ import structlog
 
 from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
 from tests.harness import fetch, wait_until
+from worker.amqp import topology
 from worker.consume.consumer import CLOSE_RESERVE_S, Consumer, ConsumerTimings
 from worker.consume.lanes import Linger
 from worker.settings import Settings
@@ -154,3 +157,118 @@ async def test_a_drain_that_runs_out_of_time_leaves_the_rest_unacked_and_it_come
         await wait_until(lambda: _count_is(settings, len(ids)), what="the cut-off events applied")
     assert sorted(await applied(settings)) == ids
     assert sorted(event_id for event_id, _ in fake.calls) == ids
+
+
+async def dead(settings: Settings) -> list[asyncpg.Record]:
+    """The dead letters FakeRules recorded."""
+    return await fetch(settings.database_url, "select event_id, error, attempts from public.dead")
+
+
+async def test_a_payload_the_fetch_rule_cannot_read_fails_that_event_alone(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """With a refund fetcher configured, asking the rules whether an event needs a fetch can
+    raise on a payload they cannot read: that is the event's own failure (counted, then
+    dead-lettered with the error after RECON_MAX_ATTEMPTS), decided before any transaction; an
+    event of the same batch that needs no fetch applies once, and the API is never called."""
+    fetched: list[str] = []
+
+    async def fetcher(charge_id: str) -> list[dict[str, Any]]:
+        fetched.append(charge_id)
+        return []
+
+    def fetch_for(ev: dict[str, Any]) -> str | None:
+        if ev["id"] == "evt_unreadable":
+            raise KeyError("amount_refunded")
+        return None
+
+    fake.fetch_for = fetch_for
+    batch = BatchOf(2)
+    timings = ConsumerTimings(linger=Linger(sleep=batch.sleep))
+    async with feeder(amqp_url, settings) as feed:
+        async with consumer_running(settings, fake.rules(), fetcher=fetcher, timings=timings) as consumer:
+            batch.consumer = consumer
+            await feed.event(event("evt_unreadable", charge_id="ch_shared"))
+            await feed.event(event("evt_readable", charge_id="ch_shared"))
+            rows = await wait_until(lambda: dead(settings), what="the unreadable one dead-lettered")
+        assert await feed.depth() == 0
+    assert [tuple(r) for r in rows] == [
+        ("evt_unreadable", "KeyError: 'amount_refunded'", settings.max_attempts)
+    ]
+    assert await applied(settings) == {"evt_readable": 1}
+    assert [event_id for event_id, _ in fake.calls] == ["evt_readable"]
+    assert fetched == []
+
+
+async def test_a_dead_letter_met_by_a_database_outage_is_requeued_then_recorded_once(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """Recording a dead letter that meets a transient database error past the drain's retry time
+    is nobody's fault: the message is requeued after the pause (not parked, not counted), and
+    recorded once when the database answers again."""
+    from worker.amqp.publisher import event_message
+    from worker.consume.dead_letter_drain import DrainTimings
+
+    tries: list[str] = []
+
+    async def outage_then_record(con: asyncpg.Connection, dead_letter: Any) -> None:
+        tries.append(dead_letter.event_id)
+        if len(tries) == 1:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle")
+        await fake.record_dead_letter(con, dead_letter)
+
+    rules = dataclasses.replace(fake.rules(), record_dead_letter=outage_then_record)
+    timings = ConsumerTimings(drain=DrainTimings(retry_for_s=0.0, pause_s=0.0))
+    with structlog.testing.capture_logs() as logs:
+        async with feeder(amqp_url, settings) as feed:
+            body = json.dumps(event("evt_dead_outage")).encode()
+            await feed.publisher.publish_dead_letter(
+                event_message(body, "evt_dead_outage", "charge.refunded", 1)
+            )
+            async with consumer_running(settings, rules, timings=timings):
+                rows = await wait_until(lambda: dead(settings), what="the dead letter recorded")
+            assert await feed.depth(topology.DEAD_QUEUE) == 0
+            assert await feed.depth(topology.PARKED_QUEUE) == 0
+    assert [r["event_id"] for r in rows] == ["evt_dead_outage"]
+    assert tries == ["evt_dead_outage", "evt_dead_outage"]
+    events = [line["event"] for line in logs if line["event"].startswith("dead_letter")]
+    assert events == ["dead_letter_not_recorded_database_unavailable", "dead_letter_recorded"]
+
+
+async def test_a_dead_letter_that_cannot_be_parked_stays_queued_until_it_can(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """A dead letter the database refuses must be parked; if the parked queue does not take it
+    (deleted here, so the publish is not confirmed), the message is requeued, not acked away:
+    once the queue is back it is parked with its error."""
+    from worker.amqp.connection import declare_topology
+    from worker.amqp.publisher import event_message
+    from worker.consume.dead_letter_drain import DrainTimings
+
+    async def refuse(_con: Any, _dead_letter: Any) -> None:
+        raise ValueError("value too long for type character varying(8)")
+
+    rules = dataclasses.replace(fake.rules(), record_dead_letter=refuse)
+    timings = ConsumerTimings(drain=DrainTimings(record_tries=1, pause_s=0.0))
+    with structlog.testing.capture_logs() as logs:
+        async with feeder(amqp_url, settings) as feed:
+            channel = await feed.connection.channel()
+            await channel.queue_delete(topology.PARKED_QUEUE)
+            async with consumer_running(settings, rules, timings=timings):
+                await channel.queue_delete(topology.PARKED_QUEUE)
+                body = json.dumps(event("evt_unparkable")).encode()
+                message = event_message(body, "evt_unparkable", "charge.refunded", 1)
+                await feed.publisher.publish_dead_letter(message)
+
+                async def park_failed() -> bool:
+                    return any(line["event"] == "dead_letter_park_failed" for line in logs)
+
+                await wait_until(park_failed, what="a park that was not confirmed")
+                await declare_topology(feed.connection, settings)
+
+                async def parked() -> bool:
+                    return await feed.depth(topology.PARKED_QUEUE) == 1
+
+                await wait_until(parked, what="parked once the queue is back")
+            assert await feed.depth(topology.DEAD_QUEUE) == 0
+    assert await dead(settings) == []

@@ -215,6 +215,7 @@ async def read_outcome(database_url: str) -> dict[str, Any]:
         "select kind, amount, currency, stripe_object_id, stripe_charge_id,"
         " extract(epoch from occurred_at)::bigint as occurred_at from finance.ledger",
     )
+    owner_rows = await fetch(database_url, _OWNER_BALANCES)
     occurred: dict[tuple[str, str], list[int]] = {}
     for r in ledger:
         occurred.setdefault((r["kind"], r["stripe_object_id"]), []).append(int(r["occurred_at"]))
@@ -225,7 +226,9 @@ async def read_outcome(database_url: str) -> dict[str, Any]:
             r["stripe_charge_id"]: dict(r)
             for r in await fetch(database_url, "select * from finance.payment_balances")
         },
-        "owners": {r["number"]: dict(r) for r in await fetch(database_url, _OWNER_BALANCES)},
+        # (status, disputed) by number, as tests/test_rules_e2e.py reads it; the whole row beside it.
+        "owners": {r["number"]: (r["status"], r["disputed"]) for r in owner_rows},
+        "owner_balances": {r["number"]: dict(r) for r in owner_rows},
         "payments": await fetch(database_url, "select stripe_charge_id, method from recon.payments"),
         "refunds": {
             r["stripe_refund_id"]: (r["status"], r["failure_reason"])
@@ -276,7 +279,7 @@ def owner_differences(exp: Expected, got: dict[str, Any]) -> list[str]:
     the model, which sums all of an owner's payments (rule 5, section 6)."""
     problems = []
     for number, want in exp.owners.items():
-        have = got["owners"].get(number)
+        have = got["owner_balances"].get(number)
         if have is None:
             problems.append(f"{number}: no order_balances / invoice_balances row")
             continue

@@ -80,6 +80,15 @@ ensure_venv() {
     fi
 }
 
+# The console's browser tests (tests/test_console_browser.py) drive Debian's chromium through
+# Playwright: the browser comes from Debian's packages, never from a download of Playwright's own.
+ensure_chromium() {
+    if [ ! -x /usr/bin/chromium ]; then
+        say "installing chromium (Debian package) for the console's browser tests"
+        apt_install chromium
+    fi
+}
+
 ensure_app() {
     if [ -z "${STRIPE_WEBHOOK_SECRETS:-}" ] && ! grep -qs '^STRIPE_WEBHOOK_SECRETS=.' .env; then
         secret="whsec_$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')"
@@ -91,5 +100,5 @@ ensure_app() {
 }
 
 if want services; then ensure_postgres; ensure_rabbitmq; fi
-if want venv; then ensure_venv; fi
+if want venv; then ensure_venv; ensure_chromium; fi
 if want app; then ensure_app; fi

@@ -5,6 +5,7 @@
     GET  /v1/refunds/{id}
     POST /v1/orders/{number}/reject   201 with the request, 200 null when nothing was refundable
     GET  /v1/orders/{number}   GET /v1/invoices/{number}
+    /console/…                        the ops console (console/pages.py): HTML, signed in with a token
 
 Every route needs ``Authorization: Bearer <token>`` of RECON_API_TOKENS; the token's name is
 who asked (``requested_by``). Tokens are compared in constant time and never logged.
@@ -12,7 +13,6 @@ who asked (``requested_by``). Tokens are compared in constant time and never log
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -24,10 +24,13 @@ import structlog
 from aiohttp import web
 
 from worker.backoffice import store
+from worker.backoffice.console.pages import CONSOLE_STATE, ConsoleState, console_app
+from worker.backoffice.console.pages import PREFIX as CONSOLE_PREFIX
 from worker.backoffice.owner_view import OwnerKind, owner_view
 from worker.backoffice.service import Answer, BackOffice, fingerprint
 from worker.backoffice.stripe_refunds import StripeRefundApi
 from worker.backoffice.submit import AnsweredHook, RefundApi, Submitter, SubmitTimings
+from worker.backoffice.tokens import token_name_of
 from worker.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -73,12 +76,7 @@ def token_name(tokens: tuple[tuple[str, str], ...], header: str | None) -> str |
     every configured token (no early exit that would tell how many matched)."""
     if not header or not header.startswith("Bearer "):
         return None
-    given = header[len("Bearer ") :].strip().encode()
-    found = None
-    for name, token in tokens:
-        if hmac.compare_digest(given, token.encode()):
-            found = name
-    return found
+    return token_name_of(tokens, header[len("Bearer ") :].strip())
 
 
 def auth_middleware(tokens: tuple[tuple[str, str], ...]) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -239,7 +237,9 @@ def _get_owner(kind: OwnerKind) -> Callable[[web.Request], Awaitable[web.Respons
 async def json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every answer is JSON: our refusals, and aiohttp's own 404/405/413."""
+    """Every answer is JSON: our refusals, and aiohttp's own 404/405/413 (the console answers HTML)."""
+    if request.path == CONSOLE_PREFIX or request.path.startswith(CONSOLE_PREFIX + "/"):
+        return await handler(request)
     try:
         return await handler(request)
     except BadBody as bad:
@@ -271,7 +271,9 @@ def create_api_app(
         if api is None and settings.stripe_api_key:
             api = owned = StripeRefundApi(settings.stripe_api_key, settings.stripe_api_base)
         submitter = Submitter(pool, api, submit_timings, after_stripe_answered) if api is not None else None
-        app[API_STATE] = ApiState(BackOffice(pool, submitter) if submitter is not None else None, pool)
+        backoffice = BackOffice(pool, submitter) if submitter is not None else None
+        app[API_STATE] = ApiState(backoffice, pool)
+        app[CONSOLE_STATE] = ConsoleState(settings, pool, backoffice)
         try:
             yield
         finally:
@@ -285,7 +287,13 @@ def create_api_app(
     app.router.add_post("/v1/orders/{number}/reject", post_reject)
     app.router.add_get("/v1/orders/{number}", _get_owner("order"))
     app.router.add_get("/v1/invoices/{number}", _get_owner("invoice"))
+    app.router.add_get(CONSOLE_PREFIX, _to_console)
+    app.add_subapp(CONSOLE_PREFIX, console_app())
     return app
+
+
+async def _to_console(_request: web.Request) -> web.Response:
+    return web.Response(status=308, headers={"Location": CONSOLE_PREFIX + "/"})
 
 
 async def open_backoffice_pool(database_url: str, max_size: int = 4) -> asyncpg.Pool:

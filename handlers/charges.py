@@ -38,11 +38,16 @@ def snapshot_key(applied: AppliedEvent) -> SnapshotKey:
 
 
 def is_newest_snapshot(payment: Payment, applied: AppliedEvent) -> bool:
-    """True unless a newer snapshot of this charge (by created, rank, event id) was applied."""
+    """True when ``applied`` is newer than the stored snapshot by (created, rank), or is that very
+    snapshot again (a retried checkpoint). On a full tie with another event the stored one stays
+    (rule 3): the event id is not an order, only a name."""
     if payment.snapshot_created is None:
         return True
-    stored = (payment.snapshot_created, payment.snapshot_rank or 0, payment.snapshot_event_id or "")
-    return snapshot_key(applied) >= stored
+    created, rank, event_id = snapshot_key(applied)
+    stored = (payment.snapshot_created, payment.snapshot_rank or 0)
+    if (created, rank) != stored:
+        return (created, rank) > stored
+    return event_id == payment.snapshot_event_id
 
 
 def advance_snapshot(payment: Payment, applied: AppliedEvent) -> bool:

@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from tests import servers
+from tests.consumer_harness import FakeRules, prepare_fake_tables
 from tests.stripe_events import TEST_SECRET
 from worker.settings import Settings
 
@@ -18,6 +19,7 @@ _vhosts = servers.VhostPool()
 
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
+    """A migrated template database for the session; each test clones its own from it."""
     import asyncio
 
     name = asyncio.run(servers.create_template())
@@ -27,6 +29,7 @@ def pg_template() -> Iterator[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _delete_vhosts() -> Iterator[None]:
+    """Deletes the RabbitMQ vhosts the tests made, when the session ends."""
     yield
     _vhosts.delete_all()
 
@@ -76,3 +79,10 @@ def settings(database_url: str, amqp_url: str) -> Settings:
         log_format="json",
         log_level="info",
     )
+
+
+@pytest_asyncio.fixture
+async def fake(settings: Settings) -> FakeRules:
+    """Injected rules whose effects are rows in public.applied / public.dead of this test's database."""
+    await prepare_fake_tables(settings.database_url)
+    return FakeRules()

@@ -18,7 +18,7 @@ import aio_pika
 import asyncpg
 from aiohttp import web
 
-from tests.harness import wait_until
+from tests.harness import fetch, wait_until
 from tests.stripe_events import encode
 from worker.amqp import topology
 from worker.amqp.connection import connect, declare_topology, open_confirm_channel
@@ -240,3 +240,28 @@ class WorkerProcess:
     def log_tail(self, lines: int = 30) -> str:
         text = self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+# --- what FakeRules left behind, read once for every test that uses them ----------------------
+
+
+async def applied_attempts(database_url: str) -> dict[str, int]:
+    """event id -> the attempt that committed it (public.applied)."""
+    rows = await fetch(database_url, "select event_id, attempt from public.applied")
+    return {row["event_id"]: row["attempt"] for row in rows}
+
+
+async def applied_count_is(database_url: str, expected: int) -> bool:
+    """True once exactly ``expected`` events are committed in public.applied."""
+    rows = await fetch(database_url, "select count(*) as n from public.applied")
+    return bool(rows[0]["n"] == expected)
+
+
+async def dead_letters(database_url: str) -> list[asyncpg.Record]:
+    """The dead letters FakeRules recorded (public.dead), by event id."""
+    return await fetch(database_url, "select * from public.dead order by event_id")
+
+
+def called(fake: FakeRules, event_id: str) -> int:
+    """How many times the rules were called with ``event_id``."""
+    return sum(1 for called_id, _ in fake.calls if called_id == event_id)

@@ -75,9 +75,11 @@ async def wait_until(
 
 
 async def fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    """The rows of one query, on a connection of its own."""
     con = await asyncpg.connect(database_url)
     try:
-        return await con.fetch(sql, *args)
+        rows: list[asyncpg.Record] = await con.fetch(sql, *args)
+        return rows
     finally:
         await con.close()
 
@@ -91,3 +93,13 @@ async def events_settled(database_url: str, event_ids: list[str]) -> bool:
         list(set(event_ids)),
     )
     return bool(rows[0]["n"] == len(set(event_ids)))
+
+
+def via_port(url: str, port: int) -> str:
+    """``url`` (postgresql:// or amqp://) sent to 127.0.0.1:``port`` instead, credentials and path
+    kept: the address of a test's own TCP proxy in front of the server, or of a closed port."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    credentials = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{credentials}127.0.0.1:{port}"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from aiohttp import web
 from tests import builders as b
 from tests import host_records as host
 from tests.conftest import free_port
+from tests.harness import via_port
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,11 +109,7 @@ def recon(settings: Settings, stripe_api: str, tmp_path: Path) -> Recon:
 
 def closed_url(url: str) -> str:
     """The same URL on a local port nothing listens on."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    credentials = parts.netloc.rsplit("@", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{free_port()}"))
+    return via_port(url, free_port())
 
 
 async def _exceptions(settings: Settings) -> tuple[int, int]:
@@ -137,7 +134,7 @@ async def _exceptions(settings: Settings) -> tuple[int, int]:
 
 
 async def each(
-    recon: Recon, commands: list[tuple[str, ...]], **env: str
+    recon: Recon, commands: Sequence[tuple[str, ...]], **env: str
 ) -> list[tuple[tuple[str, ...], Ran]]:
     """Every command's run, a few at a time (each is a process of its own)."""
     gate = asyncio.Semaphore(4)

@@ -9,30 +9,33 @@ from typing import Any
 
 import aio_pika
 import asyncpg
-import pytest
 import structlog
 
-from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
-from tests.harness import fetch, wait_until
+from tests.consumer_harness import (
+    FakeRules,
+    applied_attempts,
+    applied_count_is,
+    called,
+    consumer_running,
+    dead_letters,
+    event,
+    feeder,
+)
+from tests.harness import fetch, via_port, wait_until
 from worker.amqp import topology
 from worker.consume.consumer import ConsumerTimings
 from worker.consume.dead_letter_drain import DELIVERY_LIMIT_ERROR
 from worker.settings import Settings
 
 
-@pytest.fixture
-async def fake(settings: Settings) -> FakeRules:
-    await prepare_fake_tables(settings.database_url)
-    return FakeRules()
-
-
 async def applied(settings: Settings) -> dict[str, int]:
-    rows = await fetch(settings.database_url, "select event_id, attempt from public.applied")
-    return {row["event_id"]: row["attempt"] for row in rows}
+    """event id -> the attempt that committed it."""
+    return await applied_attempts(settings.database_url)
 
 
 async def dead(settings: Settings) -> list[asyncpg.Record]:
-    return await fetch(settings.database_url, "select * from public.dead order by event_id")
+    """The dead letters the rules recorded."""
+    return await dead_letters(settings.database_url)
 
 
 async def test_event_applied_committed_and_acked(settings: Settings, amqp_url: str, fake: FakeRules) -> None:
@@ -238,8 +241,7 @@ async def test_events_of_one_charge_apply_in_delivery_order(
 
 
 async def _count(settings: Settings, expected: int) -> bool:
-    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
-    return bool(rows[0]["n"] == expected)
+    return await applied_count_is(settings.database_url, expected)
 
 
 async def test_drain_on_shutdown_commits_and_acks_everything_delivered(
@@ -314,7 +316,7 @@ async def test_unconfirmed_retry_publish_never_acks_the_original(
 
 
 async def _called(fake: FakeRules, event_id: str, times: int) -> bool:
-    return sum(1 for called, _ in fake.calls if called == event_id) >= times
+    return called(fake, event_id) >= times
 
 
 def test_message_headers_are_read_defensively() -> None:
@@ -360,18 +362,13 @@ async def test_readiness_follows_database_and_broker_outages(
 ) -> None:
     """/readyz's checks fail while the database or the broker is cut off, and recover with them
     (the AMQP connection is robust: it reconnects by itself)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from tests.tcp_proxy import TcpProxy
 
-    db, vhost = urlsplit(settings.database_url), urlsplit(amqp_url)
-    pg, mq = TcpProxy("127.0.0.1", db.port or 5432), TcpProxy("127.0.0.1", vhost.port or 5672)
+    pg, mq = TcpProxy("127.0.0.1", 5432), TcpProxy("127.0.0.1", 5672)
     await pg.start()
     await mq.start()
     proxied = dataclasses.replace(
-        settings,
-        database_url=urlunsplit(db._replace(netloc=f"postgres@127.0.0.1:{pg.port}")),
-        amqp_url=urlunsplit(vhost._replace(netloc=f"guest:guest@127.0.0.1:{mq.port}")),
+        settings, database_url=via_port(settings.database_url, pg.port), amqp_url=via_port(amqp_url, mq.port)
     )
     try:
         async with consumer_running(proxied, fake.rules()) as consumer:
@@ -417,8 +414,7 @@ async def test_database_outage_defers_events_without_counting_failures(
     before = await deferrals()
     proxy = TcpProxy("127.0.0.1", 5432)
     await proxy.start()
-    db = settings.database_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
-    proxied = dataclasses.replace(settings, database_url=db)
+    proxied = dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
     try:
         timings = ConsumerTimings(db_retry_for_s=0.3)
         async with (
@@ -446,16 +442,11 @@ async def test_consuming_resumes_on_the_new_channel_after_a_broker_cut(
 ) -> None:
     """The consumers sit on aiormq's channel under the robust one: after the connection is cut and
     restored, they consume again on the new channel, and an event published then is applied."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from tests.tcp_proxy import TcpProxy
 
-    vhost = urlsplit(amqp_url)
-    mq = TcpProxy("127.0.0.1", vhost.port or 5672)
+    mq = TcpProxy("127.0.0.1", 5672)
     await mq.start()
-    proxied = dataclasses.replace(
-        settings, amqp_url=urlunsplit(vhost._replace(netloc=f"guest:guest@127.0.0.1:{mq.port}"))
-    )
+    proxied = dataclasses.replace(settings, amqp_url=via_port(amqp_url, mq.port))
     try:
         async with feeder(amqp_url, settings) as feed:
             async with consumer_running(proxied, fake.rules()) as consumer:
@@ -479,8 +470,6 @@ async def test_deliveries_of_a_dead_channel_are_skipped_and_redelivered(
     """A message delivered on a channel that died before its batch ran is not applied (it could not
     be acked, and the broker redelivers it): it is applied once, from the redelivery. The batch that
     was in flight at the cut committed; its redelivery is a duplicate."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from tests.tcp_proxy import TcpProxy
 
     gate = asyncio.Event()
@@ -490,12 +479,9 @@ async def test_deliveries_of_a_dead_channel_are_skipped_and_redelivered(
             await gate.wait()
 
     fake.behaviour["evt_gate"] = held_once
-    vhost = urlsplit(amqp_url)
-    mq = TcpProxy("127.0.0.1", vhost.port or 5672)
+    mq = TcpProxy("127.0.0.1", 5672)
     await mq.start()
-    proxied = dataclasses.replace(
-        settings, amqp_url=urlunsplit(vhost._replace(netloc=f"guest:guest@127.0.0.1:{mq.port}"))
-    )
+    proxied = dataclasses.replace(settings, amqp_url=via_port(amqp_url, mq.port))
     try:
         async with feeder(amqp_url, settings) as feed:
             async with consumer_running(proxied, fake.rules()) as consumer:

@@ -12,7 +12,14 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import free_port
-from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
+from tests.consumer_harness import (
+    FakeRules,
+    applied_count_is,
+    consumer_running,
+    event,
+    feeder,
+    prepare_fake_tables,
+)
 from tests.harness import fetch, wait_until
 from worker.consume.refund_fetch import FetchTimings, RefundFetchFailed, StripeRefunds
 from worker.settings import Settings
@@ -48,6 +55,7 @@ class FakeStripe:
 
 @pytest.fixture
 async def fake_stripe() -> AsyncIterator[tuple[FakeStripe, str]]:
+    """A fake GET /v1/refunds on a local port: five refunds of ch_paged, two a page."""
     refunds = [
         {"id": f"re_{i}", "object": "refund", "amount": 100 + i, "charge": "ch_paged", "status": "succeeded"}
         for i in range(5)
@@ -140,8 +148,7 @@ def _charge_of_refunded(ev: dict[str, Any]) -> str | None:
 
 
 async def _both(settings: Settings) -> bool:
-    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
-    return bool(rows[0]["n"] == 2)
+    return await applied_count_is(settings.database_url, 2)
 
 
 async def test_without_api_key_rules_get_no_refunds_and_a_warning_is_logged(
@@ -162,8 +169,7 @@ async def test_without_api_key_rules_get_no_refunds_and_a_warning_is_logged(
 
 
 async def _applied_once(settings: Settings) -> bool:
-    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
-    return bool(rows[0]["n"] == 1)
+    return await applied_count_is(settings.database_url, 1)
 
 
 async def test_a_fetch_that_still_fails_after_the_waiting_window_lets_the_rules_judge_without_it(

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -22,7 +22,7 @@ from tests import builders as b
 from tests import event_stream, servers
 from tests import host_records as h
 from tests.consumer_harness import WorkerProcess, consumer_running, feeder
-from tests.harness import events_settled, fetch, wait_until
+from tests.harness import events_settled, fetch, via_port, wait_until
 from tests.tcp_proxy import TcpProxy
 from worker.settings import Settings
 
@@ -33,6 +33,7 @@ CHARGES = 120  # about 450 events with duplicates
 
 @pytest.fixture
 async def stream(settings: Settings) -> event_stream.Stream:
+    """The event stream over CHARGES payments (duplicates included), their host rows written."""
     built = event_stream.build(CHARGES, tag="crash")
     con = await asyncpg.connect(settings.database_url)
     try:
@@ -67,11 +68,27 @@ async def at_least(database_url: str, n: int) -> bool:
 
 
 async def final_ledger(database_url: str) -> Counter[tuple[Any, ...]]:
+    """The ledger as a multiset, compared by ``same_money``."""
     con = await asyncpg.connect(database_url)
     try:
         return await event_stream.ledger_multiset(con)
     finally:
         await con.close()
+
+
+def same_money(ledger: Counter[tuple[Any, ...]]) -> Counter[tuple[Any, ...]]:
+    """The ledger less each refund booked and reversed (a refund that ended failed). Rule 4 books
+    such a refund and its reversal when its succeeded snapshot arrives first, and nothing when
+    the failure is known first: both net to zero, and which happens depends on the order the
+    redeliveries after a kill or a cut arrive in. Anything booked twice still shows."""
+    kept = Counter(ledger)
+    for (kind, amount, currency, charge_id, refund_id), count in ledger.items():
+        if kind == "refund_reversal":
+            booked = ("refund", -amount, currency, charge_id, refund_id)
+            pairs = min(count, kept[booked])
+            kept[booked] -= pairs
+            kept[(kind, amount, currency, charge_id, refund_id)] -= pairs
+    return +kept
 
 
 @contextlib.asynccontextmanager
@@ -186,13 +203,7 @@ async def test_sigkill_mid_stream_then_restart_books_everything_once(
         finally:
             second.kill()
     assert in_flight_at_kill
-    assert await final_ledger(settings.database_url) == reference
-
-
-def _via(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rsplit("@", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}"))
+    assert same_money(await final_ledger(settings.database_url)) == same_money(reference)
 
 
 @pytest.mark.parametrize("server", ["broker", "database"])
@@ -211,9 +222,9 @@ async def test_connection_cut_mid_stream_loses_nothing_and_books_once(
     proxy = TcpProxy("127.0.0.1", target.port or (5672 if server == "broker" else 5432))
     await proxy.start()
     if server == "broker":
-        proxied = dataclasses.replace(settings, amqp_url=_via(amqp_url, proxy.port))
+        proxied = dataclasses.replace(settings, amqp_url=via_port(amqp_url, proxy.port))
     else:
-        proxied = dataclasses.replace(settings, database_url=_via(settings.database_url, proxy.port))
+        proxied = dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
     worker = WorkerProcess(proxied, tmp_path / "worker.log")
     try:
         async with feeder(amqp_url, settings) as feed:
@@ -237,7 +248,7 @@ async def test_connection_cut_mid_stream_loses_nothing_and_books_once(
         worker.kill()
         await proxy.close()
     assert at_cut < len(stream.event_ids)
-    assert await final_ledger(settings.database_url) == reference
+    assert same_money(await final_ledger(settings.database_url)) == same_money(reference)
 
 
 async def _not_ready(settings: Settings) -> bool:

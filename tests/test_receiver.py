@@ -34,17 +34,20 @@ SECOND_SECRET = "whsec_rotated_0a9b8c7d6e5f4a3b2c1d"
 
 @pytest.fixture
 def receiver_settings(settings: Settings) -> Settings:
+    """This test's settings with a small body limit, so 413 is cheap to reach."""
     return replace(settings, max_body_bytes=MAX_BODY_BYTES)
 
 
 @pytest_asyncio.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """One HTTP client session for the test."""
     async with aiohttp.ClientSession() as session:
         yield session
 
 
 @pytest_asyncio.fixture
 async def receiver(receiver_settings: Settings) -> AsyncIterator[str]:
+    """`recon receiver` running in this loop on its real port; its base URL."""
     async with running("receiver", receiver_settings) as base_url:
         yield base_url
 

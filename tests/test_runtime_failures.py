@@ -11,11 +11,18 @@ import json
 from typing import Any
 
 import asyncpg
-import pytest
 import structlog
 
-from tests.consumer_harness import FakeRules, consumer_running, event, feeder, prepare_fake_tables
-from tests.harness import fetch, wait_until
+from tests.consumer_harness import (
+    FakeRules,
+    applied_attempts,
+    applied_count_is,
+    consumer_running,
+    dead_letters,
+    event,
+    feeder,
+)
+from tests.harness import wait_until
 from worker.amqp import topology
 from worker.consume.consumer import CLOSE_RESERVE_S, Consumer, ConsumerTimings
 from worker.consume.lanes import Linger
@@ -23,17 +30,9 @@ from worker.settings import Settings
 from worker.shutdown import Deadline
 
 
-@pytest.fixture
-async def fake(settings: Settings) -> FakeRules:
-    """FakeRules over public.applied / public.dead in this test's own database."""
-    await prepare_fake_tables(settings.database_url)
-    return FakeRules()
-
-
 async def applied(settings: Settings) -> dict[str, int]:
     """event id -> the attempt that committed it."""
-    rows = await fetch(settings.database_url, "select event_id, attempt from public.applied")
-    return {row["event_id"]: row["attempt"] for row in rows}
+    return await applied_attempts(settings.database_url)
 
 
 class BatchOf:
@@ -110,8 +109,7 @@ async def test_transient_database_error_in_the_savepoint_rerun_retries_the_whole
 
 
 async def _count_is(settings: Settings, expected: int) -> bool:
-    rows = await fetch(settings.database_url, "select count(*) as n from public.applied")
-    return bool(rows[0]["n"] == expected)
+    return await applied_count_is(settings.database_url, expected)
 
 
 async def test_a_drain_that_runs_out_of_time_leaves_the_rest_unacked_and_it_comes_back(
@@ -161,7 +159,7 @@ async def test_a_drain_that_runs_out_of_time_leaves_the_rest_unacked_and_it_come
 
 async def dead(settings: Settings) -> list[asyncpg.Record]:
     """The dead letters FakeRules recorded."""
-    return await fetch(settings.database_url, "select event_id, error, attempts from public.dead")
+    return await dead_letters(settings.database_url)
 
 
 async def test_a_payload_the_fetch_rule_cannot_read_fails_that_event_alone(
@@ -192,7 +190,7 @@ async def test_a_payload_the_fetch_rule_cannot_read_fails_that_event_alone(
             await feed.event(event("evt_readable", charge_id="ch_shared"))
             rows = await wait_until(lambda: dead(settings), what="the unreadable one dead-lettered")
         assert await feed.depth() == 0
-    assert [tuple(r) for r in rows] == [
+    assert [(r["event_id"], r["error"], r["attempts"]) for r in rows] == [
         ("evt_unreadable", "KeyError: 'amount_refunded'", settings.max_attempts)
     ]
     assert await applied(settings) == {"evt_readable": 1}

@@ -18,6 +18,7 @@ from worker.settings import Settings
 
 @pytest_asyncio.fixture
 async def connection(settings: Settings) -> AsyncIterator[AbstractRobustConnection]:
+    """A connection to this test's vhost with the topology declared."""
     connection = await connect(settings.amqp_url)
     await declare_topology(connection, settings)
     async with connection:

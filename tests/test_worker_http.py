@@ -4,7 +4,7 @@ RECON_WORKER_HTTP_PORT, and `recon run`'s /readyz through a database outage."""
 from __future__ import annotations
 
 import dataclasses
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import builders as b
 from tests import host_records as host
 from tests.consumer_harness import feeder
-from tests.harness import events_settled, running, wait_until
+from tests.harness import events_settled, running, via_port, wait_until
 from tests.tcp_proxy import TcpProxy
 from worker.settings import Settings
 
@@ -78,10 +78,7 @@ async def test_run_readyz_is_503_while_the_database_is_down_and_200_after(settin
     once it is back — read over HTTP, as a load balancer reads it."""
     proxy = TcpProxy("127.0.0.1", urlsplit(settings.database_url).port or 5432)
     await proxy.start()
-    parts = urlsplit(settings.database_url)
-    proxied = dataclasses.replace(
-        settings, database_url=urlunsplit(parts._replace(netloc=f"postgres@127.0.0.1:{proxy.port}"))
-    )
+    proxied = dataclasses.replace(settings, database_url=via_port(settings.database_url, proxy.port))
     try:
         async with running("run", proxied) as base_url:
             assert base_url.endswith(f":{settings.http_port}")

@@ -3,6 +3,8 @@ build of Playwright's own), and an order the way the seeds' screens show one."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +27,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Screenshots go to docs/ (the README shows one) only when asked: RECON_SCREENSHOTS=docs. Otherwise
+# a test run would rewrite tracked files; they go to a scratch folder instead.
+DOCS = (
+    Path(__file__).resolve().parent.parent / "docs"
+    if os.environ.get("RECON_SCREENSHOTS") == "docs"
+    else Path(tempfile.gettempdir()) / "recon-console-screenshots"
+)
+DOCS.mkdir(parents=True, exist_ok=True)
 
 
 @asynccontextmanager

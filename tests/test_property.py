@@ -58,7 +58,9 @@ from worker.amqp import topology
 from worker.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-UNMATCHED_RETRY_S = 8  # waiting for a metadata charge's own event, or a checkpoint that never meets
+# Waiting for a metadata charge's own event, or a checkpoint that never meets. On a loaded shared
+# host, 8 s once left a metadata charge's refunds unmatched before its charge.succeeded applied.
+UNMATCHED_RETRY_S = 15
 EXAMPLES = int(os.environ.get("RECON_PROPERTY_EXAMPLES", "12"))
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
 if os.environ.get("RECON_PROPERTY_SHRINK") == "1":

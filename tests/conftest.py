@@ -86,3 +86,15 @@ async def fake(settings: Settings) -> FakeRules:
     """Injected rules whose effects are rows in public.applied / public.dead of this test's database."""
     await prepare_fake_tables(settings.database_url)
     return FakeRules()
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_restored() -> Iterator[None]:
+    """Each test starts with the logging configuration the previous one found: `recon` called
+    in-process configures structlog for good (e.g. LOG_LEVEL=error, which filters info and
+    warning lines before any processor), and would leave later tests' capture_logs empty."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

@@ -31,12 +31,14 @@ DEFAULT_SUBMIT = SubmitTimings()
 
 @pytest.fixture(scope="module", name="localstripe_url")
 def localstripe_url_fixture() -> Iterator[str]:
+    """localstripe, in a thread of its own for this module's tests: its base URL."""
     with localstripe_thread() as url:
         yield url
 
 
 @pytest.fixture(name="front")
 async def front_fixture(localstripe_url: str) -> AsyncIterator[tuple[StripeFront, str]]:
+    """The test Stripe front (localstripe plus what it lacks) and its base URL."""
     async with stripe_front(localstripe_url) as served:
         yield served
 

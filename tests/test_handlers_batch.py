@@ -140,6 +140,8 @@ async def _state(con: asyncpg.Connection, w: str, events: list[dict[str, Any]]) 
 
 
 async def test_a_batch_ends_as_one_transaction_per_delivery(con: asyncpg.Connection) -> None:
+    """The same deliveries, applied one per transaction and as one batch, end in the same outcomes,
+    ledger rows, statuses and exceptions (in-batch repeats see their first delivery)."""
     seq_events = await _world(con, "QQ")
     batch_events = await _world(con, "ZZ")
     seq_passes = await _deliver(con, seq_events, _one_by_one)

@@ -29,6 +29,7 @@ NOW = int(time.time())
 
 @pytest.fixture
 async def ledger_api() -> AsyncIterator[tuple[api.StripeLedgerApi, str]]:
+    """The local Stripe API for payouts and balance transactions, served; it and its base URL."""
     served = api.StripeLedgerApi()
     async with api.serving(served) as base:
         yield served, base
@@ -36,6 +37,7 @@ async def ledger_api() -> AsyncIterator[tuple[api.StripeLedgerApi, str]]:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on this test's own database."""
     connections = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     yield connections
     await connections.close()

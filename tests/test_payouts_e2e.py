@@ -38,6 +38,7 @@ FAST = ServiceTimings(
 
 @pytest.fixture(autouse=True)
 async def _free_the_broker(settings: Settings) -> AsyncIterator[None]:
+    """After the test, delete its vhost's queues (quorum queues keep Raft groups running)."""
     yield
     await release_queues(settings)
 

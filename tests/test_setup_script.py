@@ -48,6 +48,7 @@ def _cluster_status(version: str, cluster: str) -> str:
 
 @pytest.fixture
 def stopped_postgres() -> Iterator[tuple[str, int]]:
+    """A PostgreSQL cluster of the test's own, made and left stopped, on a free port; dropped after."""
     version, cluster, port = _pg_version(), f"recon_setup_{uuid.uuid4().hex[:8]}", free_port()
     made = _run("pg_createcluster", version, cluster, "--port", str(port))
     assert made.returncode == 0, made.stderr

@@ -216,6 +216,7 @@ async def test_a_dispute_lost_at_stripe_and_a_charge_in_flight(
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on this test's own database."""
     connections = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     yield connections
     await connections.close()

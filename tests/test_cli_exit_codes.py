@@ -273,3 +273,12 @@ async def test_an_unreachable_broker_exits_1_for_the_commands_that_queue(
     for argv, ran in await each(recon, publishing, AMQP_URL=url):
         assert (ran.code, one_line(ran)) == (1, True), (argv, ran)
         assert url not in ran.stderr
+
+
+async def test_a_database_that_refuses_exits_1_with_one_line(recon: Recon, settings: Settings) -> None:
+    """PostgreSQL answers but the database does not exist: exit 1 with one line naming why, not a
+    traceback (a server that refuses is as unusable as one that cannot be reached)."""
+    url = settings.database_url.rsplit("/", 1)[0] + "/recon_no_such_database"
+    for argv, ran in await each(recon, [("report",), ("exceptions", "list")], DATABASE_URL=url):
+        assert (ran.code, one_line(ran)) == (1, True), (argv, ran)
+        assert "does not exist" in ran.stderr and "Traceback" not in ran.stderr

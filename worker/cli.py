@@ -264,6 +264,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if type(exc).__module__.partition(".")[0] != "asyncpg":
+            raise
+        # PostgreSQL answered but refused (no such database, a role without rights): one line, as
+        # for a server that cannot be reached, never a traceback. asyncpg's messages hold no URL.
+        print(f"recon: error: the database refused: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ const http = require('node:http')
 const { StripeSync, runMigrations } = require('@supabase/stripe-sync-engine')
 
 const databaseUrl = process.env.DATABASE_URL
+// Content-Length, not chunked: the bench's lean HTTP client reads framed answers only.
+const answer = (res, status, body) => {
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) })
+  res.end(body)
+}
 if (process.argv[2] === 'migrate') {
   runMigrations({ databaseUrl, schema: 'stripe', logger: console }).then(() => process.exit(0))
 } else {
@@ -16,14 +21,14 @@ if (process.argv[2] === 'migrate') {
     stripeWebhookSecret: process.env.STRIPE_WEBHOOK_SECRET,
   })
   const server = http.createServer((req, res) => {
-    if (req.method === 'GET' && req.url === '/readyz') return res.end('{"ready":true}')
+    if (req.method === 'GET' && req.url === '/readyz') return answer(res, 200, '{"ready":true}')
     const chunks = []
     req.on('data', (chunk) => chunks.push(chunk))
     req.on('end', () => {
       sync
         .processWebhook(Buffer.concat(chunks), req.headers['stripe-signature'])
-        .then(() => { res.writeHead(200, { 'content-type': 'application/json' }); res.end('{"received":true}') })
-        .catch((err) => { res.writeHead(err.type === 'StripeSignatureVerificationError' ? 400 : 500); res.end(String(err.message)) })
+        .then(() => answer(res, 200, '{"received":true}'))
+        .catch((err) => answer(res, err.type === 'StripeSignatureVerificationError' ? 400 : 500, err.message))
     })
   })
   server.listen(Number(process.env.PORT), '127.0.0.1')

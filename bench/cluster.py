@@ -4,8 +4,9 @@ Starts three RabbitMQ nodes of this run's own on this machine (names ``rabbit-re
 their own AMQP and distribution ports, data under a temp dir, their own Erlang cookie and config;
 the shared node on 5672 is never addressed: every CLI call names one of our nodes with ``-n`` and
 carries our cookie, which the shared node would refuse anyway), joins them into one cluster, and
-runs `recon receiver` and two `recon worker` processes against it through a small TCP proxy of
-this script's own (each new connection goes to the next live node, as a load balancer would).
+runs `recon receiver` and two `recon worker` processes against it through small TCP proxies of
+this script's own (each new connection goes to the first live node of the proxy's list, as a
+load balancer would; the receiver and one worker prefer node 1, the other worker node 2).
 The database is one of its own on the shared PostgreSQL.
 
 Then it posts a stream of signed webhooks (tests/event_stream.py: refunds, failed refunds,
@@ -225,8 +226,9 @@ class Cluster:
         return [n for n in self.nodes if n.name not in self.killed]
 
     def queue_leaders(self) -> dict[str, dict[str, Any]]:
-        """Each queue's leader and ready messages, as a live node sees them."""
-        out = self.ctl(self.live()[0], "list_queues", "name", "leader", "messages", "--formatter", "json")
+        """Each queue's leader and messages (ready, unacked), as a live node sees them."""
+        columns = ["name", "leader", "messages", "messages_ready", "messages_unacknowledged"]
+        out = self.ctl(self.live()[0], "list_queues", *columns, "--formatter", "json")
         return {q["name"]: q for q in json.loads(out)}
 
     def beam_pid(self, node: Node) -> int:
@@ -260,15 +262,14 @@ class Cluster:
 
 
 class FailoverProxy:
-    """Each new client connection goes to the next live node, round robin; a refused node is skipped.
+    """Each new client connection goes to the first node of ``ports`` that accepts it.
 
     A lost node drops its clients' connections; their robust connections reconnect here and land
-    on a node that is up. In production a TCP load balancer in front of the nodes does this.
+    on the next node that is up. In production a TCP load balancer in front of the nodes does this.
     """
 
     def __init__(self, ports: list[int]) -> None:
         self._ports = ports
-        self._next = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -278,9 +279,7 @@ class FailoverProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        for _ in range(len(self._ports)):
-            port = self._ports[self._next % len(self._ports)]
-            self._next += 1
+        for port in self._ports:
             with contextlib.suppress(OSError, TimeoutError):
                 return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
         return None
@@ -332,9 +331,11 @@ def _db_url(name: str) -> str:
 
 @dataclass
 class App:
-    """`recon receiver` and two `recon worker` processes, all through the proxy."""
+    """`recon receiver` and two `recon worker` processes. The receiver and the first worker
+    connect through a proxy that prefers node 1, where the receiver's declaration puts every
+    queue's leader, so the kill cuts both; the second worker prefers node 2 and keeps its link."""
 
-    amqp_url: str
+    amqp_urls: tuple[str, str]
     database_url: str
     secret: str
     logs: Path
@@ -342,11 +343,11 @@ class App:
     worker_ports: list[int] = field(default_factory=lambda: [_free_port(), _free_port()])
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def _env(self, **extra: str) -> dict[str, str]:
+    def _env(self, amqp_url: str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RECON_", "STRIPE_"))}
         env.update(
             DATABASE_URL=self.database_url,
-            AMQP_URL=self.amqp_url,
+            AMQP_URL=amqp_url,
             STRIPE_WEBHOOK_SECRETS=self.secret,
             RECON_RETRY_DELAYS_S=RETRY_DELAYS_S,  # every process declares the same wait queues
             LOG_FORMAT="json",
@@ -368,10 +369,11 @@ class App:
             )
 
     async def start(self) -> None:
-        self._spawn("receiver", "receiver.log", self._env(RECON_HTTP_PORT=str(self.receiver_port)))
+        receiver_env = self._env(self.amqp_urls[0], RECON_HTTP_PORT=str(self.receiver_port))
+        self._spawn("receiver", "receiver.log", receiver_env)
         await _wait_ready(self.receiver_port, self.processes[-1])  # declares the topology first
-        for i, port in enumerate(self.worker_ports, 1):
-            env = self._env(RECON_WORKER_HTTP_PORT=str(port), RECON_API_PORT=str(_free_port()))
+        for i, (port, url) in enumerate(zip(self.worker_ports, self.amqp_urls, strict=True), 1):
+            env = self._env(url, RECON_WORKER_HTTP_PORT=str(port), RECON_API_PORT=str(_free_port()))
             self._spawn("worker", f"worker{i}.log", env)
         for port, process in zip(self.worker_ports, self.processes[1:], strict=True):
             await _wait_ready(port, process)
@@ -581,10 +583,15 @@ async def run(
     await asyncio.to_thread(cluster.start)
     await asyncio.to_thread(cluster.join)
     cluster_up_s = round(time.monotonic() - started, 1)
-    proxy = FailoverProxy([n.amqp_port for n in cluster.nodes])
-    await proxy.start()
+    ports = [n.amqp_port for n in cluster.nodes]
+    proxies = [FailoverProxy(ports), FailoverProxy([*ports[1:], ports[0]])]
+    for proxy in proxies:
+        await proxy.start()
     app = App(
-        f"amqp://guest:guest@127.0.0.1:{proxy.port}/",
+        (
+            f"amqp://guest:guest@127.0.0.1:{proxies[0].port}/",
+            f"amqp://guest:guest@127.0.0.1:{proxies[1].port}/",
+        ),
         _db_url(run_db),
         "whsec_" + secrets.token_hex(16),
         workdir,
@@ -618,11 +625,19 @@ async def run(
         await sender
         leader_elected_s = await election
         accepted = posts.accepted
-        settled_at = await _settle(_db_url(run_db), accepted)
+        try:
+            settled_at = await _settle(_db_url(run_db), accepted)
+        except SystemExit:
+            # Where the missing events are, before the cluster goes: the queues as a live node sees them.
+            stuck = await asyncio.to_thread(cluster.queue_leaders)
+            (workdir / "queues-at-timeout.json").write_text(json.dumps(stuck, indent=2) + "\n")
+            print(json.dumps({"queues_at_timeout": stuck}, indent=2), file=sys.stderr)
+            raise
         queues_after = await asyncio.to_thread(cluster.queue_leaders)
     finally:
         codes = app.stop()
-        await proxy.close()
+        for proxy in proxies:
+            await proxy.close()
     return await _summary(
         SummaryInputs(
             run_db,

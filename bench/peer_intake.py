@@ -258,19 +258,24 @@ def summarise(
         "generator": reply["cpu_s"],
         "machine": cpu["machine"],
     }
-    ms = [round(intake.percentile(latencies, q) * 1000, 1) for q in (0.5, 0.9, 0.99)]
+
+    def ms(q: float) -> float:
+        return round(intake.percentile(latencies, q) * 1000, 1)
+
     return PhaseResult(
-        round_no,
-        target.name,
-        speed,
-        requests,
-        accepted,
-        reply["statuses"],
-        round(accepted / reply["elapsed_s"]),
-        *ms,
-        round(latencies[-1] * 1000, 1),
-        {who: round(seconds * 1e6 / requests) for who, seconds in share.items()},
-        round(cpu["machine"] / wall_s, 2),
+        round=round_no,
+        target=target.name,
+        host_speed_ms=speed,
+        requests=requests,
+        accepted=accepted,
+        statuses=reply["statuses"],
+        accepted_per_s=round(accepted / reply["elapsed_s"]),
+        p50_ms=ms(0.5),
+        p90_ms=ms(0.9),
+        p99_ms=ms(0.99),
+        max_ms=round(latencies[-1] * 1000, 1),
+        cpu_us_per_request={who: round(seconds * 1e6 / requests) for who, seconds in share.items()},
+        machine_busy_cores=round(cpu["machine"] / wall_s, 2),
     )
 
 

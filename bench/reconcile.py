@@ -17,6 +17,14 @@ separate process) and reports the lag from each POST to its ledger row (booked_a
     .venv/bin/python bench/reconcile.py                       # full: 20,000 events + pgbench + e2e
     .venv/bin/python bench/reconcile.py --events 2000 --pgbench-s 5 --e2e-events 1500
     .venv/bin/python bench/reconcile.py --skip-e2e --skip-pgbench
+
+--find-rate runs only end-to-end steps (a fresh database each, ~20 s of load each): rates stepping
+up from --find-start by --find-factor until p99 POST → ledger lag ≥ 1 s, one step in between, then
+0.5 R. It prints R, the machine's CPU µs per webhook at R (recon run + RabbitMQ + this database's
+PostgreSQL + the load generator), capacity = cores ÷ that, R ÷ capacity and the p99 lag at 0.5 R.
+
+    .venv/bin/python bench/reconcile.py --find-rate
+    .venv/bin/python bench/reconcile.py --find-rate --step-s 5 --find-max-steps 3   # smoke run
 """
 
 from __future__ import annotations
@@ -234,6 +242,12 @@ async def _poll(probe: Any, interval_s: float, timeout_s: float = 900.0) -> None
         await asyncio.sleep(interval_s)
 
 
+@dataclass
+class OwnPostgres:
+    backends: list[int]
+    background: list[int]
+
+
 class Watcher:
     """One PostgreSQL connection and one AMQP channel for all of a phase's polling.
 
@@ -262,6 +276,21 @@ class Watcher:
     async def scalar(self, sql: str) -> Any:
         assert self._con is not None
         return await self._con.fetchval(sql)
+
+    async def own_postgres_pids(self) -> OwnPostgres:
+        """This run's database's backends (not this watcher's), and the server processes that
+        write WAL and checkpoints for every database: the PostgreSQL CPU to count as this run's,
+        on a server other people's tests share."""
+        assert self._con is not None
+        rows = await self._con.fetch(
+            "select pid, datname is not null as backend from pg_stat_activity"
+            " where (datname = current_database() and pid <> pg_backend_pid())"
+            " or backend_type in ('checkpointer', 'background writer', 'walwriter')"
+        )
+        return OwnPostgres(
+            backends=[int(r["pid"]) for r in rows if r["backend"]],
+            background=[int(r["pid"]) for r in rows if not r["backend"]],
+        )
 
     async def settled(self, distinct: int) -> bool:
         done = await self.scalar("select count(*) from recon.event_inbox where outcome <> 'retrying'")
@@ -349,6 +378,10 @@ def cpu_snapshot(ours: dict[str, int]) -> dict[str, float]:
     }
 
 
+def postgres_ticks() -> dict[int, float]:
+    return {pid: _ticks(pid) for pid in _pids("postgres", "postgres")}
+
+
 def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     # PostgreSQL backends that exited in between took their CPU with them: that share is lost.
     return {who: max(0.0, after[who] - before[who]) for who in after}
@@ -434,7 +467,8 @@ async def end_to_end(
         )
         names = ["receiver", "worker"] if split else ["recon run"]
         ours = {name: process.pid for name, process in zip(names, processes, strict=True)}
-        cpu_before = cpu_snapshot(ours)
+        cpu_before, postgres_before = cpu_snapshot(ours), postgres_ticks()
+        window_start = time.perf_counter()
         sender.start()
         await asyncio.to_thread(sender.join)
         if sender.exitcode != 0:
@@ -442,6 +476,19 @@ async def end_to_end(
         async with Watcher(env) as watch:
             await _poll(lambda: watch.settled(len(stream.event_ids)), interval_s=0.1)
             cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
+            window_s = time.perf_counter() - window_start
+            postgres_after, own = postgres_ticks(), await watch.own_postgres_pids()
+            # A backend that started during the run counts from zero.
+            cpu["postgres (own database)"] = sum(
+                postgres_after[pid] - postgres_before.get(pid, 0.0)
+                for pid in own.backends
+                if pid in postgres_after
+            )
+            cpu["postgres (wal, checkpoints: shared)"] = sum(
+                postgres_after[pid] - postgres_before.get(pid, 0.0)
+                for pid in own.background
+                if pid in postgres_after
+            )
             # processed_at is now(), the transaction's start: one value per batch (two lanes rarely tie).
             per_transaction = await watch.scalar(
                 "select count(*)::float8 / nullif(count(distinct processed_at), 0) from recon.event_inbox"
@@ -468,6 +515,7 @@ async def end_to_end(
             who: round(seconds * 1e6 / len(bodies))
             for who, seconds in {**cpu, "load generator": report["cpu_s"]}.items()
         },
+        "cpu_window_s": round(window_s, 2),
         "run_exit": code,
     }
 
@@ -551,6 +599,162 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+# ------------------------------------------------------------------------- --find-rate
+
+LAG_LIMIT_MS = 1000.0  # R: the highest offered rate whose p99 POST → ledger lag stays below this
+# What one webhook costs the machine: the processes of the run, each counted once. PostgreSQL is
+# its backends for this database plus its WAL writer and checkpointer (the server is shared);
+# RabbitMQ's one beam.smp cannot be split, so other people's traffic on it is in its figure.
+MACHINE_PARTS = ("recon run", "rabbitmq", "postgres (own database)", "load generator")
+
+
+def machine_us_per_webhook(result: dict[str, Any]) -> int:
+    return sum(result["cpu_us_per_event"][part] for part in MACHINE_PARTS)
+
+
+def background_cores(seconds: float = 3.0) -> dict[str, float]:
+    """Cores busy while this bench is idle, just before a step: other people's work on the shared
+    RabbitMQ and on the machine, subtracted from the step's figures for the "net" estimate."""
+    before = cpu_snapshot({})
+    time.sleep(seconds)
+    return {who: round(v / seconds, 3) for who, v in cpu_delta(before, cpu_snapshot({})).items()}
+
+
+def net_of_background(result: dict[str, Any], background: dict[str, float]) -> dict[str, int]:
+    """The step's CPU per webhook with the idle rate measured before it taken out (an estimate:
+    other people's load is not steady)."""
+    cpu = result["cpu_us_per_event"]
+    idle_us = {
+        who: background[who] * result["cpu_window_s"] * 1e6 / result["posts"]
+        for who in ("rabbitmq", "machine")
+    }
+    rabbitmq = max(0, round(cpu["rabbitmq"] - idle_us["rabbitmq"]))
+    parts = {**cpu, "rabbitmq": rabbitmq}
+    return {
+        "rabbitmq": rabbitmq,
+        "machine (/proc/stat)": max(0, round(cpu["machine"] - idle_us["machine"])),
+        "sum": sum(parts[part] for part in MACHINE_PARTS),
+    }
+
+
+async def rate_step(rate: float, seconds: float, workdir: Path, step: int) -> dict[str, Any]:
+    """One open-loop run of ``recon run`` at ``rate`` for ``seconds``, in a fresh database."""
+    env, stream = await _prepared(f"rate{step}", max(100, round(rate * seconds)))
+    await asyncio.to_thread(_quiesce, 2.0)
+    background = await asyncio.to_thread(background_cores)
+    speed = host_speed_ms(rounds=3)
+    step_dir = workdir / f"step-{step:02d}-{rate:g}"
+    step_dir.mkdir()
+    try:
+        result = await end_to_end(env, stream, rate, step_dir)
+    finally:
+        await env.drop()
+    result["host_speed_ms"] = speed
+    result["machine_us_per_webhook"] = machine_us_per_webhook(result)
+    result["background_cores"] = background
+    result["net_of_background_us"] = net_of_background(result, background)
+    cpu = result["cpu_us_per_event"]
+    print(
+        f"step {step:2d}  {rate:7.1f}/s  host_speed_ms {speed:5.1f}  lag p50 {result['lag_p50_ms']:8.1f}"
+        f"  p99 {result['lag_p99_ms']:8.1f} ms  {result['events_per_transaction']:5.1f} events/txn"
+        f"  cpu us/webhook: "
+        + ", ".join(f"{who} {cpu[who]}" for who in (*MACHINE_PARTS, "machine"))
+        + f"  sum {result['machine_us_per_webhook']}  (net of background {result['net_of_background_us']},"
+        f" background cores {background})  statuses {result['statuses']}",
+        flush=True,
+    )
+    return result
+
+
+def _passes(result: dict[str, Any]) -> bool:
+    return bool(result["lag_p99_ms"] < LAG_LIMIT_MS)
+
+
+async def search_rate(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
+    """Up by ``--find-factor`` from ``--find-start`` until p99 ≥ 1 s (down, if the start already
+    fails), then one step between the last pass and the first failure."""
+    steps = [await rate_step(args.find_start, args.step_s, workdir, 1)]
+    up = _passes(steps[0])
+    while len(steps) < args.find_max_steps:
+        rate = steps[-1]["rate_per_s"] * (args.find_factor if up else 1 / args.find_factor)
+        steps.append(await rate_step(round(rate), args.step_s, workdir, len(steps) + 1))
+        if _passes(steps[-1]) != up:
+            break
+    passed = [s["rate_per_s"] for s in steps if _passes(s)]
+    failed = [s["rate_per_s"] for s in steps if not _passes(s)]
+    if passed and failed and min(failed) > max(passed):
+        between = round((max(passed) * min(failed)) ** 0.5)
+        steps.append(await rate_step(between, args.step_s, workdir, len(steps) + 1))
+    return steps
+
+
+async def find_rate(args: argparse.Namespace) -> dict[str, Any]:
+    """R, the machine's CPU per webhook at R, capacity = cores ÷ that, R ÷ capacity, and the
+    p99 lag at 0.5 R, all in one run (issue 14's end-to-end targets)."""
+    workdir = ROOT / "bench" / "results" / f"find-rate-{time.strftime('%Y%m%dT%H%M%S')}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": _machine(), "workdir": str(workdir.relative_to(ROOT))}
+    results["worker_concurrency"] = CONCURRENCY
+    steps = await search_rate(args, workdir)
+    results["steps"] = steps
+    passing = [s for s in steps if _passes(s)]
+    if not passing:
+        results["R"] = None
+        print("no rate tried kept p99 under 1 s")
+    else:
+        at_r = max(passing, key=lambda s: s["rate_per_s"])
+        rate = at_r["rate_per_s"]
+        half = await rate_step(round(rate / 2), args.step_s, workdir, len(steps) + 1)
+        cores = os.cpu_count() or 1
+        capacity = cores * 1e6 / at_r["machine_us_per_webhook"]
+        net_capacity = cores * 1e6 / max(1, at_r["net_of_background_us"]["sum"])
+        results |= {
+            "net_of_background": {
+                "machine_us_per_webhook_at_R": at_r["net_of_background_us"]["sum"],
+                "capacity_per_s": round(net_capacity),
+                "R_over_capacity": round(rate / net_capacity, 2),
+            },
+            "R": rate,
+            "machine_us_per_webhook_at_R": at_r["machine_us_per_webhook"],
+            "capacity_per_s": round(capacity),
+            "R_over_capacity": round(rate / capacity, 2),
+            "lag_p99_ms_at_half_R": half["lag_p99_ms"],
+            "half_R": half,
+        }
+    results["host_speed_ms_at_end"] = host_speed_ms()
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    _print_find_rate(results)
+    return results
+
+
+def _print_find_rate(results: dict[str, Any]) -> None:
+    speeds = [s["host_speed_ms"] for s in results["steps"]]
+    print(
+        f"\nhost_speed_ms: at start {results['machine']['host_speed_ms_at_start']}, steps "
+        f"{min(speeds)}–{max(speeds)}, at end {results['host_speed_ms_at_end']}; "
+        f"load average at start {results['machine']['loadavg_at_start']}"
+    )
+    if results["R"] is None:
+        return
+    if all(_passes(s) for s in results["steps"]):
+        print("every rate tried passed (--find-max-steps): R is a lower bound")
+    print(
+        f"R = {results['R']:g}/s (highest rate with p99 POST → ledger < 1 s)\n"
+        f"machine CPU per webhook at R = {results['machine_us_per_webhook_at_R']} us "
+        f"({' + '.join(MACHINE_PARTS)})\n"
+        f"capacity = {os.cpu_count()} cores / that = {results['capacity_per_s']}/s\n"
+        f"R / capacity = {results['R_over_capacity']}   (target >= 0.85)\n"
+        f"lag p99 at 0.5 R ({results['half_R']['rate_per_s']:g}/s) = {results['lag_p99_ms_at_half_R']} ms"
+        "   (target < 250 ms)"
+    )
+    net = results["net_of_background"]
+    print(
+        f"with RabbitMQ's idle rate before the step taken out (others' traffic, an estimate): "
+        f"{net['machine_us_per_webhook_at_R']} us per webhook, capacity {net['capacity_per_s']}/s, "
+        f"R / capacity {net['R_over_capacity']}"
+    )
+
+
 def _quiesce(settle_s: float = 5.0) -> None:
     subprocess.run(["psql", PG_ADMIN_URL, "-qc", "checkpoint"], check=True)
     time.sleep(settle_s)
@@ -618,6 +822,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--pg-socket", action="store_true", help="worker and pgbench use the Unix socket")
     parser.add_argument(
+        "--find-rate",
+        action="store_true",
+        help="only search R, the highest rate with p99 lag < 1 s through `recon run`; report capacity",
+    )
+    parser.add_argument("--find-start", type=float, default=200.0, help="--find-rate's first rate")
+    parser.add_argument("--find-factor", type=float, default=1.3, help="--find-rate's step between rates")
+    parser.add_argument("--find-max-steps", type=int, default=10, help="--find-rate's most rates tried")
+    parser.add_argument("--step-s", type=float, default=20.0, help="--find-rate's seconds of load per rate")
+    parser.add_argument(
         "--log-level", default="info", help="the processes' LOG_LEVEL (info: a line per event)"
     )
     return parser.parse_args(argv)
@@ -628,5 +841,7 @@ if __name__ == "__main__":
     LOG_LEVEL = arguments.log_level
     CONCURRENCY = arguments.concurrency
     PG_OVER_SOCKET = arguments.pg_socket
-    final = asyncio.run(main(arguments))
-    _print(final)
+    if arguments.find_rate:
+        asyncio.run(find_rate(arguments))
+    else:
+        _print(asyncio.run(main(arguments)))

@@ -386,42 +386,64 @@ declare
     order_ids bigint[];
     invoice_ids bigint[];
 begin
+    -- An authorisation released with nothing captured: the previous rules kept its release (a
+    -- refund with reason expired_uncaptured_charge) but not that nothing was captured.
+    update recon.payments p set amount_captured = 0
+    where p.amount_captured is null
+      and exists (select 1 from recon.refunds r
+                  where r.payment_id = p.id and r.reason = 'expired_uncaptured_charge'
+                    and r.status = 'succeeded');
+
+    -- The charge rows brought to the captured amount, each adjustment audited.
     with due as (
-        select p.id, p.currency, p.stripe_charge_id, p.amount_captured, p.charge_total
+        select p.id, p.currency, p.stripe_charge_id, p.amount_captured, p.charge_total,
+               p.snapshot_created, p.recorded_at, p.snapshot_event_id
         from recon.payments p
         where p.charge_booked and p.amount_captured is not null and p.charge_total <> p.amount_captured
         for update of p
     ), booked as (
         insert into recon.ledger_entries
             (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
-        select coalesce(p.snapshot_created, p.recorded_at), 'capture_adjustment',
+        select coalesce(d.snapshot_created, d.recorded_at), 'capture_adjustment',
                'payment:' || d.id || ':captured:' || d.amount_captured,
                d.amount_captured - d.charge_total, d.currency, d.id,
-               coalesce(d.stripe_charge_id, 'payment:' || d.id), coalesce(p.snapshot_event_id, 'recon migrate')
-        from due d join recon.payments p on p.id = d.id
+               coalesce(d.stripe_charge_id, 'payment:' || d.id), coalesce(d.snapshot_event_id, 'recon migrate')
+        from due d
         on conflict (kind, source_id) do nothing
-        returning payment_id, amount
+        returning id, payment_id, amount, currency, stripe_object_id, stripe_event_id
+    ), adjusted as (
+        insert into recon.audit_log (action, stripe_event_id, stripe_object_id, payment_id, detail)
+        select 'capture_adjusted', b.stripe_event_id, b.stripe_object_id, b.payment_id,
+               jsonb_build_object('entry_id', b.id, 'kind', 'capture_adjustment', 'amount', b.amount,
+                                  'currency', b.currency, 'by', 'recon migrate')
+        from booked b
     )
     update recon.payments p set charge_total = p.charge_total + b.amount
     from booked b where b.payment_id = p.id;
 
-    update recon.payments p
-    set status = case
-        when p.dispute_lost then 'charged_back'
-        when p.amount_captured = 0 then 'voided'
-        when not p.charge_booked then 'pending'
-        when p.amount_refunded <= 0 then 'paid'
-        when p.amount_refunded >= coalesce(p.amount_captured, p.amount) then 'refunded'
-        else 'partially_refunded'
-    end
-    where p.status is distinct from case
-        when p.dispute_lost then 'charged_back'
-        when p.amount_captured = 0 then 'voided'
-        when not p.charge_booked then 'pending'
-        when p.amount_refunded <= 0 then 'paid'
-        when p.amount_refunded >= coalesce(p.amount_captured, p.amount) then 'refunded'
-        else 'partially_refunded'
-    end;
+    -- Each payment's status by the new rules, each move audited.
+    with next as (
+        select p.id, p.status as old_status, p.stripe_charge_id,
+               case
+                   when p.dispute_lost then 'charged_back'
+                   when p.amount_captured = 0 then 'voided'
+                   when not p.charge_booked then 'pending'
+                   when p.amount_refunded <= 0 then 'paid'
+                   when p.amount_refunded >= coalesce(p.amount_captured, p.amount) then 'refunded'
+                   else 'partially_refunded'
+               end as new_status
+        from recon.payments p
+    ), moved as (
+        update recon.payments p set status = n.new_status
+        from next n
+        where n.id = p.id and n.old_status is distinct from n.new_status
+        returning p.id, n.old_status, n.new_status, n.stripe_charge_id
+    )
+    insert into recon.audit_log (action, stripe_object_id, payment_id, detail)
+    select 'status_changed', m.stripe_charge_id, m.id,
+           jsonb_build_object('object', 'payment', 'field', 'status', 'from', m.old_status,
+                              'to', m.new_status, 'by', 'recon migrate')
+    from moved m;
 
     select coalesce(array_agg(distinct order_id) filter (where order_id is not null), '{}'),
            coalesce(array_agg(distinct invoice_id) filter (where invoice_id is not null), '{}')

@@ -17,7 +17,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from worker.amqp.connection import CONNECT_TIMEOUT_S, connect, declare_topology, open_confirm_channel
-from worker.amqp.publisher import PUBLISH_TIMEOUT_S, Outgoing, Publisher
+from worker.amqp.publisher import PUBLISH_TIMEOUT_S, Outgoing, Publisher, PublishFailed
 from worker.settings import Settings
 from worker.shutdown import Deadline
 
@@ -54,6 +54,7 @@ class BrokerLink:
         self._idle.set()
         self._first_attempt = asyncio.Event()
         self._closing = asyncio.Event()
+        self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
         """Connect and declare the topology; if the broker is unreachable, keep trying in the background.
@@ -152,12 +153,34 @@ class BrokerLink:
             raise BrokerUnavailable(reason or self._problem)
         self._in_flight += 1
         self._idle.clear()
+        channel = self._channel
         try:
             await self._publisher.publish_event(message)
+        except PublishFailed as exc:
+            if isinstance(exc.__cause__, aiormq.exceptions.DeliveryError):
+                await self._renew_channel(channel)
+            raise
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _renew_channel(self, nacked: AbstractChannel | None) -> None:
+        """A new confirm channel after a broker nack. RabbitMQ 3.10 can leave a channel that was
+        restored while a quorum queue had no leader (its node just died) nacking every later
+        publish to that queue, while a new channel on the same connection publishes fine."""
+        async with self._renewing:
+            if self._connection is None or nacked is None or self._channel is not nacked:
+                return  # another request renewed it already
+            try:
+                channel = await open_confirm_channel(self._connection)
+            except (*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("broker_channel_renew_failed", error=type(exc).__name__)
+                return
+            self._channel, self._publisher = channel, Publisher(channel)
+            log.warning("broker_channel_renewed")
+        with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError):
+            await nacked.close()
 
     async def close(self, deadline: Deadline) -> None:
         """Stop connecting, let in-flight publishes be confirmed, then close the connection: each

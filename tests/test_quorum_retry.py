@@ -27,6 +27,7 @@ ARRIVAL_TIMEOUT_S = 30.0
 
 @pytest_asyncio.fixture
 async def connection(amqp_url: str) -> AsyncIterator[AbstractRobustConnection]:
+    """A robust connection to this test's own vhost, closed after the test."""
     connection = await connect(amqp_url)
     async with connection:
         yield connection

@@ -23,7 +23,6 @@ from tests.harness import fetch, wait_until
 from tests.stripe_events import make_event
 from tests.test_rules_e2e import Stripe, db, exceptions, release_queues
 from worker.drift.stripe_reads import ReadTimings
-from worker.payouts import payouts_ctx
 from worker.payouts.reconciler import PayoutTimings
 from worker.payouts.service import ServiceTimings
 from worker.serve import build_app
@@ -45,9 +44,8 @@ async def _free_the_broker(settings: Settings) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def recon_with_payouts(settings: Settings) -> AsyncIterator[Stripe]:
-    """``recon run`` with the payout reconciler's context added as worker/serve.py will add it."""
-    app, port = build_app("run", settings)
-    app.cleanup_ctx.append(payouts_ctx(settings, FAST))
+    """``recon run`` as worker/serve.py builds it, with the payout reconciler's waits shortened."""
+    app, port = build_app("run", settings, payout_timings=FAST)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.http_host, port).start()

@@ -10,15 +10,22 @@ the broker closes) and returns, so the process exits 0. All of it fits one budge
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from worker import shutdown
 from worker.settings import Settings, SettingsError
 
+if TYPE_CHECKING:
+    from worker.payouts.service import ServiceTimings
 
-def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
-    """The aiohttp application for a mode and the port it listens on."""
+
+def build_app(
+    mode: str, settings: Settings, *, payout_timings: ServiceTimings | None = None
+) -> tuple[web.Application, int]:
+    """The aiohttp application for a mode and the port it listens on. ``payout_timings``: the
+    payout reconciler's and drift check's waits (tests shorten them; the defaults otherwise)."""
     from worker.health import add_health_routes
 
     if mode in ("receiver", "run"):
@@ -40,7 +47,9 @@ def build_app(mode: str, settings: Settings) -> tuple[web.Application, int]:
         app.cleanup_ctx.append(consumer_ctx(settings))
         # The payout reconciler and the periodic drift check (rule 13, 14): their own loops, never
         # a lane's; they read the Stripe API outside any transaction.
-        app.cleanup_ctx.append(payouts_ctx(settings))
+        app.cleanup_ctx.append(
+            payouts_ctx(settings) if payout_timings is None else payouts_ctx(settings, payout_timings)
+        )
         # After the consumer: cleanup runs in reverse, so the API stops taking refunds before the
         # lanes drain. The outbox senders and refund recovery run whether or not the API is on.
         _refuse_shared_api_port(settings, port)

@@ -11,8 +11,6 @@ write; that is switched off (a shared file, and quadratic in the number of refun
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -20,11 +18,11 @@ import aiohttp
 import asyncpg
 import pytest
 import stripe
-from aiohttp import web
 
 from tests import builders as b
 from tests import host_records as host
 from tests.harness import events_settled, fetch, post_event, running, wait_until
+from tests.stripe_front import localstripe_thread
 from worker.consume.refund_fetch import PAGE_SIZE
 from worker.settings import Settings
 
@@ -36,40 +34,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Bare functions are deprecated:De
 @pytest.fixture(scope="module")
 def localstripe_url() -> Iterator[str]:
     """localstripe's API on a free port, served from a thread with its own event loop."""
-    import localstripe.resources
-    from localstripe.server import app
-
-    store = localstripe.resources.store
-    saved_dump = store.dump_to_disk
-    store.dump_to_disk = lambda: None  # type: ignore[method-assign]
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, access_log=None)
-    started = threading.Event()
-    address: list[str] = []
-
-    async def start() -> None:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host_port = runner.addresses[0]
-        address.append(f"http://{host_port[0]}:{host_port[1]}")
-        started.set()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, name="localstripe", daemon=True)
-    thread.start()
-    assert started.wait(10), "localstripe did not start"
-    try:
-        yield address[0]
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        store.dump_to_disk = saved_dump  # type: ignore[method-assign]
+    with localstripe_thread() as url:
+        yield url
 
 
 async def charge_with_refunds(api_base: str, amount: int, refunds: list[int]) -> tuple[str, list[str]]:

@@ -14,7 +14,6 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import stripe
 from tenacity import (
     AsyncRetrying,
@@ -23,6 +22,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
+
+from worker.stripe_api import stripe_client
 
 REQUEST_METADATA_KEY = "recon_refund_request_id"
 # Stripe's own reasons; "other" sends none and keeps the operator's note in the metadata.
@@ -89,13 +90,7 @@ class StripeRefundApi:
         self, api_key: str, api_base: str | None = None, timings: CallTimings = CallTimings()
     ) -> None:
         self._timings = timings
-        self._http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timings.try_timeout_s))
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base} if api_base else None,
-            http_client=self._http,
-            max_network_retries=0,  # retries are ours, bounded, with the same idempotency key
-        )
+        self._client, self._http = stripe_client(api_key, api_base, timings.try_timeout_s)
 
     def _retrying(self) -> AsyncRetrying:
         t = self._timings

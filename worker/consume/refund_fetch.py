@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import stripe
 from tenacity import (
     AsyncRetrying,
@@ -21,6 +20,8 @@ from tenacity import (
     stop_after_delay,
     wait_exponential,
 )
+
+from worker.stripe_api import stripe_client
 
 PAGE_SIZE = 100
 
@@ -55,13 +56,7 @@ class StripeRefunds:
         self, api_key: str, api_base: str | None = None, timings: FetchTimings = FetchTimings()
     ) -> None:
         self._timings = timings
-        self._http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timings.try_timeout_s))
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base} if api_base else None,
-            http_client=self._http,
-            max_network_retries=0,  # retries are ours, bounded below
-        )
+        self._client, self._http = stripe_client(api_key, api_base, timings.try_timeout_s)
 
     async def __call__(self, charge_id: str) -> list[dict[str, Any]]:
         timings = self._timings

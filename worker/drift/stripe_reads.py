@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
 import stripe
 import structlog
 from tenacity import (
@@ -27,6 +26,8 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential,
 )
+
+from worker.stripe_api import stripe_client
 
 log = structlog.get_logger(__name__)
 
@@ -106,13 +107,7 @@ class StripeReads:
         self.timings = timings
         self.counts = ReadCounts()
         self._pacer = RequestPacer(timings.requests_per_s)
-        self._http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timings.try_timeout_s))
-        self._client = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base} if api_base else None,
-            http_client=self._http,
-            max_network_retries=0,  # the retries are ours: paced, bounded, and counted
-        )
+        self._client, self._http = stripe_client(api_key, api_base, timings.try_timeout_s)
 
     async def close(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]

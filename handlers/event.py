@@ -63,7 +63,7 @@ class Step:
 
     outcome: StepOutcome = "applied"
     changed: bool = False
-    retry_reason: Literal["refunds_short"] | None = None
+    retry_reason: Literal["refunds_short", "refund_failure_undated"] | None = None
 
 
 # What an event-family handler returns when it has planned its statements (pipeline.py): run, after

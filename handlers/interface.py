@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 Outcome = Literal["applied", "retrying", "duplicate", "stale", "unmatched", "mismatch", "dead_lettered"]
-RetryReason = Literal["unmatched_charge", "refunds_short"]
+RetryReason = Literal["unmatched_charge", "refunds_short", "refund_failure_undated"]
 
 
 def utc_now() -> datetime:

@@ -39,8 +39,10 @@ from handlers.pipeline import Pipeline, Ticket
 # One round trip per refund snapshot: save its status if this snapshot is newer by (created,
 # rank) — a full tie keeps the stored one — then, by the status it has afterwards, book the refund
 # (live) or its one reversal (failed/canceled, only if the refund was booked; it mirrors the refund
-# row's amount and currency, and is dated when the refund failed: the created of the snapshot that
-# saved the failed status, so days already reported keep their figures). The snapshot that first
+# row's amount and currency, and is dated when the refund failed, so days already reported keep
+# their figures: booked by the refund's own event that shows the failure ($13), at the earlier of
+# its created and the stored status's — or, once the waiting window is over ($14), by a carried
+# snapshot, which cannot tell when the failure happened and so dates it at its own). The snapshot that first
 # saves a refund as failed raises one refund_failed exception with Stripe's failure_reason: the
 # customer was not paid back — in any delivery order, whether or not the refund had been booked.
 # Releases ($6) book nothing. Audit rows for all of it.
@@ -73,11 +75,13 @@ with old as (
 ), reversed as (
     insert into recon.ledger_entries
         (occurred_at, kind, source_id, amount, currency, payment_id, stripe_object_id, stripe_event_id)
-    select final.status_created, 'refund_reversal', r.source_id, -r.amount, r.currency, r.payment_id,
-           r.stripe_object_id, $11
+    select case when $7 in ('failed', 'canceled') then least($8::timestamptz, final.status_created)
+                else final.status_created end,
+           'refund_reversal', r.source_id, -r.amount, r.currency, r.payment_id, r.stripe_object_id, $11
     from recon.ledger_entries r, final
     where not $6 and final.status in ('failed', 'canceled') and r.kind = 'refund'
       and r.source_id = $1
+      and (($13 and $7 in ('failed', 'canceled')) or $14)
     on conflict (kind, source_id) do nothing
     returning id, amount
 ), failed as (
@@ -153,9 +157,20 @@ async def _over_refund_check(
 
 
 def plan_refund(
-    pipeline: Pipeline, applied: AppliedEvent, payment: Payment, refund: dict[str, Any], seen_at: datetime
+    pipeline: Pipeline,
+    applied: AppliedEvent,
+    payment: Payment,
+    refund: dict[str, Any],
+    seen_at: datetime,
+    *,
+    dates_failure: bool,
 ) -> Ticket | None:
-    """Plan one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status."""
+    """Plan one refund snapshot seen at ``seen_at``: book it, reverse it, or just note its status.
+
+    ``dates_failure``: the snapshot is the refund's own event, whose ``created`` is when a failure it
+    shows happened. A refund carried in a charge.refunded (embedded or fetched) shows a failure that
+    happened some time before: its reversal waits for the refund's own event, which dates it, and is
+    booked from the carried snapshot only once the event's waiting window is over (rule 4)."""
     status = refund.get("status")
     rank = REFUND_STATUS_RANK.get(status) if isinstance(status, str) else None
     if stripe_id(refund.get("id")) is None or rank is None:
@@ -173,6 +188,8 @@ def plan_refund(
         timestamp(int(refund["created"])),
         applied.event_id,
         refund.get("failure_reason") if isinstance(refund.get("failure_reason"), str) else None,
+        dates_failure,
+        not applied.may_retry,
     )
     ticket = pipeline.add(_APPLY_REFUND, args)
     pipeline.add(_FOLLOW_REFUND, (refund["id"], request_id_of(refund), payment.id, applied.event_id))
@@ -213,7 +230,7 @@ async def take_refund(
 
 def on_refund_event(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
     """refund.created|updated|failed and charge.refund.updated: the event's object is a refund."""
-    ticket = plan_refund(pipeline, applied, payment, applied.obj, applied.created)
+    ticket = plan_refund(pipeline, applied, payment, applied.obj, applied.created, dates_failure=True)
 
     async def then(con: asyncpg.Connection) -> Step:
         return Step(changed=await take_refund(con, applied, payment, applied.obj, pipeline, ticket))
@@ -256,10 +273,28 @@ async def _judge_checkpoint(con: asyncpg.Connection, applied: AppliedEvent, paym
     return Step("mismatch")
 
 
+_UNREVERSED = """
+select count(*) from recon.ledger_entries r
+where r.kind = 'refund' and r.source_id = any($1::text[])
+  and not exists (select 1 from recon.ledger_entries v
+                  where v.kind = 'refund_reversal' and v.source_id = r.source_id)
+"""
+
+
+async def _failures_undated(con: asyncpg.Connection, carried: list[dict[str, Any]]) -> bool:
+    """Is a refund that a carried snapshot shows failed or canceled still booked and unreversed?"""
+    ended = [
+        str(r["id"])
+        for r in carried
+        if r.get("status") in ("failed", "canceled") and not is_release(r) and stripe_id(r.get("id"))
+    ]
+    return bool(ended) and int(await con.fetchval(_UNREVERSED, ended)) > 0
+
+
 def on_charge_refunded(applied: AppliedEvent, payment: Payment, pipeline: Pipeline) -> Then:
     """charge.refunded: book the refunds it carries, then judge it as a checkpoint if newest."""
     carried = [
-        (refund, plan_refund(pipeline, applied, payment, refund, applied.created))
+        (refund, plan_refund(pipeline, applied, payment, refund, applied.created, dates_failure=False))
         for refund in _carried_refunds(applied)
     ]
 
@@ -267,6 +302,10 @@ def on_charge_refunded(applied: AppliedEvent, payment: Payment, pipeline: Pipeli
         changed = False
         for refund, ticket in carried:
             changed = await take_refund(con, applied, payment, refund, pipeline, ticket) or changed
+        if applied.may_retry and await _failures_undated(con, [r for r, _ in carried]):
+            # A booked refund this snapshot shows failed is not reversed yet: its own event will
+            # say when it failed. Until then, or until the window ends, this snapshot waits.
+            return Step("retrying", retry_reason="refund_failure_undated", changed=changed)
         if not is_newest_snapshot(payment, applied):
             return Step(changed=changed)
         step = await _judge_checkpoint(con, applied, payment)

@@ -162,8 +162,6 @@ class Expected:
     dated: list[Dated] = field(default_factory=list)
     refund_failed: list[str] = field(default_factory=list)  # one refund_failed per refund that ends failed
     refund_statuses: dict[str, str] = field(default_factory=dict)  # non-release refund id -> final status
-    # False: the old era's known gap in dating a reversal is tolerated (see _refund_rows).
-    exact_failure_dates: bool = False
 
     @property
     def statuses(self) -> dict[str, str]:
@@ -229,8 +227,8 @@ class _Payment:
     disputed: bool
 
 
-def expected(charges: list[Charge], *, exact_failure_dates: bool = False) -> Expected:
-    out = Expected(Counter(), [], {}, exact_failure_dates=exact_failure_dates)
+def expected(charges: list[Charge]) -> Expected:
+    out = Expected(Counter(), [], {})
     by_owner: dict[str, list[tuple[Charge, _Payment]]] = defaultdict(list)
     for charge in charges:
         by_owner[charge.number].append((charge, _expect_charge(charge, out)))
@@ -281,13 +279,7 @@ def _refund_rows(charge: Charge, truth: _Truth, out: Expected) -> int:
             out.either.append((booked, ("refund_reversal", amount, cur, refund_id, ch)))
             ended_at = next(s.at for s in steps if s.status in ENDED)
             why = "the created of the event that first showed the refund failed (rule 4)"
-            # Known gap (test_a_refund_failure_reported_late_is_reversed_on_the_day_it_failed): in
-            # the old era a later charge.refunded embeds the refund as failed; applied before the
-            # refund's own failure event, it dates the reversal at its own created. Bounded here by
-            # the charge's last step; the new era is held to the exact day.
-            exact = out.exact_failure_dates or charge.era != "old"
-            latest = ended_at if exact else truth.last_at
-            out.dated.append(Dated("refund_reversal", refund_id, ended_at, latest, why))
+            out.dated.append(Dated("refund_reversal", refund_id, ended_at, ended_at, why))
         else:
             out.ledger[booked] += 1
             net_refunded += amount

@@ -30,7 +30,6 @@ from typing import Any
 import aio_pika
 import aiohttp
 import asyncpg
-import pytest
 from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -321,15 +320,9 @@ def exception_differences(exp: Expected, never_meet: set[str], got: dict[str, An
     return problems
 
 
-def differences(
-    history: list[Charge],
-    events: list[dict[str, Any]],
-    got: dict[str, Any],
-    *,
-    exact_failure_dates: bool = False,
-) -> list[str]:
+def differences(history: list[Charge], events: list[dict[str, Any]], got: dict[str, Any]) -> list[str]:
     """Everything in which the finance views disagree with the model, in words."""
-    exp = expected(history, exact_failure_dates=exact_failure_dates)
+    exp = expected(history)
     problems = ledger_differences(exp, got["ledger"])
     problems += date_differences(exp, got["occurred"])
     for c in history:
@@ -381,13 +374,7 @@ async def deliver_as_stripe_does(http: aiohttp.ClientSession, base_url: str, eve
     await wait_until(accepted, timeout_s=60, interval_s=1.0, what=f"the receiver to accept {event['id']}")
 
 
-async def run_example(
-    pg_template: str,
-    history: list[Charge],
-    delivered: list[dict[str, Any]],
-    *,
-    exact_failure_dates: bool = False,
-) -> None:
+async def run_example(pg_template: str, history: list[Charge], delivered: list[dict[str, Any]]) -> None:
     db_name = await servers.clone_database(pg_template)
     s = Settings(
         database_url=servers.database_url(db_name),
@@ -423,7 +410,7 @@ async def run_example(
                         why = await unsettled(s.database_url, ids, Path(tmp))
                         raise AssertionError(f"{exc}\n{why}") from None
                     got = await read_outcome(s.database_url)
-        problems = differences(history, delivered, got, exact_failure_dates=exact_failure_dates)
+        problems = differences(history, delivered, got)
         assert not problems, "\n".join(["the finance views disagree with the model:", *problems])
     finally:
         await servers.drop_database(db_name)
@@ -580,13 +567,6 @@ def test_any_delivery_order_with_duplicates_ends_in_the_models_ledger(
     asyncio.run(run_example(pg_template, history, delivered))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, rule 4 vs rule 3: an old-era charge.refunded embedding the refund as failed,"
-    " applied before the refund's own failure event, dates the reversal at its own created; the"
-    " append-only ledger cannot re-date it (the fix: book such reversals only from the refund's own"
-    " event, within the waiting window)",
-)
 def test_a_refund_failure_reported_late_is_reversed_on_the_day_it_failed(pg_template: str) -> None:
     """Rules 3 and 4 in one delivery order Stripe's retries produce: the hand-written histories
     in Stripe's order, except that the events saying a refund failed arrive last. INV-B's re_h5
@@ -594,7 +574,7 @@ def test_a_refund_failure_reported_late_is_reversed_on_the_day_it_failed(pg_temp
     the day-5 charge.refunded embeds re_h5 as failed and is applied before the day-3 failure: the
     reversal must still be dated day 3, when the refund failed, as in any other delivery order."""
     history, delivered = _failures_late(HAND_WRITTEN[0])
-    asyncio.run(run_example(pg_template, history, delivered, exact_failure_dates=True))
+    asyncio.run(run_example(pg_template, history, delivered))
 
 
 def test_model_lets_a_failed_refund_net_to_zero_only_as_a_whole_pair() -> None:

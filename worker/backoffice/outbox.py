@@ -89,6 +89,13 @@ _FINISH = """
 update recon.outbox set state = $2, finished_at = now(), last_error = $3
 where id = $1 and state = 'pending'
 """
+# The delivered rows of one claim, marked in one statement: one row per statement cost a round trip
+# per webhook-driven row in `recon run` (docs/performance.md, end-to-end capacity).
+_FINISH_DELIVERED = """
+update recon.outbox o set state = f.state, finished_at = now(), last_error = f.why
+from unnest($1::bigint[], $2::text[], $3::text[]) as f(id, state, why)
+where o.id = f.id and o.state = 'pending'
+"""
 _RETRY = """
 update recon.outbox set due_at = now() + make_interval(secs => $2), last_error = $3
 where id = $1 and state = 'pending'
@@ -132,25 +139,35 @@ class OutboxSender:
             )
             for r in rows
         ]
-        await asyncio.gather(*(self._deliver(row) for row in claimed))
+        outcomes = await asyncio.gather(*(self._deliver(row) for row in claimed))
+        delivered = [(row, o) for row, o in zip(claimed, outcomes, strict=True) if o is not None]
+        if delivered:
+            async with self._pool.acquire() as con:
+                await con.execute(
+                    _FINISH_DELIVERED,
+                    [row.id for row, _ in delivered],
+                    ["sent" if isinstance(o, Sent) else "skipped" for _, o in delivered],
+                    [None if isinstance(o, Sent) else o.why for _, o in delivered],
+                )
+        for row, outcome in delivered:
+            if isinstance(outcome, Sent):
+                metrics.OUTBOX_SENT.labels(self.channel).inc()
+                log.info(
+                    "outbox_sent",
+                    channel=self.channel,
+                    topic=row.topic,
+                    outbox_id=row.id,
+                    attempts=row.attempts,
+                )
         return len(claimed)
 
-    async def _deliver(self, row: OutboxRow) -> None:
+    async def _deliver(self, row: OutboxRow) -> Sent | Skipped | None:
+        """Deliver one row; its outcome to mark, or None when it failed (marked here for a retry)."""
         try:
-            outcome = await self._deliverer.deliver(row)
+            return await self._deliverer.deliver(row)
         except DeliveryFailed as failed:
             await self._failed(row, failed)
-            return
-        async with self._pool.acquire() as con:
-            if isinstance(outcome, Sent):
-                await con.execute(_FINISH, row.id, "sent", None)
-            else:
-                await con.execute(_FINISH, row.id, "skipped", outcome.why)
-        if isinstance(outcome, Sent):
-            metrics.OUTBOX_SENT.labels(self.channel).inc()
-            log.info(
-                "outbox_sent", channel=self.channel, topic=row.topic, outbox_id=row.id, attempts=row.attempts
-            )
+            return None
 
     async def _failed(self, row: OutboxRow, failed: DeliveryFailed) -> None:
         metrics.OUTBOX_SEND_FAILURES.labels(self.channel).inc()

@@ -33,6 +33,7 @@ class Subscription:
     callback: Callable[[Delivery], Awaitable[None]]
     tag: str | None = None
     cancelled_by_broker: bool = False
+    stopped: bool = False  # cancelled by us: nothing may consume on it again
 
     async def start(self) -> None:
         self.channel.reopen_callbacks.add(self._consume)
@@ -56,15 +57,19 @@ class Subscription:
     async def set_prefetch(self, prefetch: int, timeout_s: float) -> None:
         """Consume with a new window. RabbitMQ binds a per-consumer prefetch to the consumers made
         after the basic.qos (and quorum queues refuse the channel-wide kind), so the consumer is
-        cancelled and made again; what was delivered stays unacked on the channel, ours to finish."""
+        cancelled and made again; what was delivered stays unacked on the channel, ours to finish.
+        Nothing once the subscription was stopped: a shutdown's drain must get no new deliveries."""
+        if self.stopped:
+            return
         await self.channel.set_qos(prefetch_count=prefetch, timeout=timeout_s)  # kept for a reopen too
-        if self.tag is not None and not self.channel.is_closed:
+        if self.tag is not None and not self.channel.is_closed and not self.stopped:
             underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
             await underlay.basic_cancel(self.tag, timeout=timeout_s)
             await self._consume()
 
     async def cancel(self, timeout_s: float) -> None:
         """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
+        self.stopped = True
         self.channel.reopen_callbacks.discard(self._consume)
         if self.tag is not None and not self.channel.is_closed:
             underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)

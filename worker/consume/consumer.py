@@ -145,6 +145,10 @@ class Consumer:
         self.dead_lanes.route("", message)
 
     async def stop_consuming(self, deadline: Deadline) -> None:
+        if self.monitor is not None:  # it may change the prefetch window, i.e. consume again
+            self.monitor.cancel()
+            await asyncio.gather(self.monitor, return_exceptions=True)
+            self.monitor = None
         for subscription in self.consuming:
             timeout_s = min(self.timings.check_timeout_s, deadline.remaining())
             try:

@@ -108,6 +108,10 @@ class VhostPool:
 
 
 def _rabbitmqctl_eval_once(expr: str, timeout_s: float = 120) -> None:
+    rabbitmqctl("eval", expr, timeout_s=timeout_s)
+
+
+def rabbitmqctl(*args: str, timeout_s: float = 120) -> None:
     """One CLI call, in its own process group: on a timeout the whole group is killed.
 
     rabbitmqctl is a shell wrapper around an Erlang VM; subprocess's timeout kills only the
@@ -115,7 +119,7 @@ def _rabbitmqctl_eval_once(expr: str, timeout_s: float = 120) -> None:
     call fails with "Distribution failed".
     """
     process = subprocess.Popen(
-        ["rabbitmqctl", "-q", "eval", expr],
+        ["rabbitmqctl", "-q", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -127,7 +131,7 @@ def _rabbitmqctl_eval_once(expr: str, timeout_s: float = 120) -> None:
         process.communicate()
         raise
     if process.returncode != 0:
-        raise subprocess.CalledProcessError(process.returncode, "rabbitmqctl eval", stderr=err)
+        raise subprocess.CalledProcessError(process.returncode, f"rabbitmqctl {args[0]}", stderr=err)
 
 
 # A lone CLI call sometimes fails when many hit the node at once (parallel test runs).

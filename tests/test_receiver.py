@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -21,6 +18,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from yarl import URL
 
+from tests import servers
 from tests.conftest import free_port
 from tests.harness import post_event, running, wait_until
 from tests.stripe_events import TEST_SECRET, encode, fixture, make_event, sign
@@ -459,20 +457,6 @@ async def test_one_log_line_per_request_without_secrets_or_emails(
         assert forbidden not in logged
 
 
-def _rabbitmqctl(*args: str) -> None:
-    """One rabbitmqctl call in its own process group (a timeout kills its Erlang VM too)."""
-    process = subprocess.Popen(
-        ["rabbitmqctl", "-q", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        _out, err = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, err
-
-
 async def test_a_broker_nack_is_a_503_and_nothing_is_queued(
     receiver: str, http: aiohttp.ClientSession, amqp_url: str
 ) -> None:
@@ -483,7 +467,7 @@ async def test_a_broker_nack_is_a_503_and_nothing_is_queued(
     # A policy of this test's own vhost: recon.events is full at one message, and its
     # reject-publish overflow makes the broker nack every publish beyond that.
     await asyncio.to_thread(
-        _rabbitmqctl,
+        servers.rabbitmqctl,
         "set_policy",
         "-p",
         vhost,
@@ -502,7 +486,7 @@ async def test_a_broker_nack_is_a_503_and_nothing_is_queued(
         await wait_until(lambda: _accepted(http, receiver, event), what="the queue to take the event again")
         assert [m.message_id for m in await drain_work_queue(amqp_url)] == [event["id"]]
     finally:
-        await asyncio.to_thread(_rabbitmqctl, "clear_policy", "-p", vhost, "full")
+        await asyncio.to_thread(servers.rabbitmqctl, "clear_policy", "-p", vhost, "full")
 
 
 async def _refused(http: aiohttp.ClientSession, base_url: str, refused: list[dict[str, Any]]) -> bool:

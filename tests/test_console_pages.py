@@ -5,67 +5,20 @@ search, the actions and the refusals a form can meet, without a browser."""
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import aiohttp
 import asyncpg
 import pytest
 
+from tests import builders as b
 from tests import host_records as host
 from tests.backoffice_setup import OPS_TOKEN, TOKENS, api_served, paid_order, with_stripe
 from tests.console_browser import raise_exception
+from tests.console_http import NOWHERE, console, sign_in, signed_in
+from tests.work_queue import drain_work_queue, work_queue_full
 from worker.backoffice.console import session
 from worker.settings import Settings
-
-NOWHERE = "http://127.0.0.1:9"  # a Stripe API nothing answers: these tests never reach Stripe
-_CSRF = re.compile(r'name="csrf" value="([^"]*)"')
-
-
-@dataclass
-class Console:
-    http: aiohttp.ClientSession
-    url: str
-    csrf: str
-
-    async def get(self, path: str) -> tuple[int, str, str]:
-        """Status, body and Location (redirects not followed)."""
-        async with self.http.get(self.url + path, allow_redirects=False) as response:
-            return response.status, await response.text(), response.headers.get("Location", "")
-
-    async def post(self, path: str, fields: dict[str, str]) -> tuple[int, str, str]:
-        """A form POST carrying the session's CSRF token unless ``fields`` names its own."""
-        body = {"csrf": self.csrf, **fields}
-        async with self.http.post(self.url + path, data=body, allow_redirects=False) as response:
-            return response.status, await response.text(), response.headers.get("Location", "")
-
-
-async def _sign_in(http: aiohttp.ClientSession, url: str, token: str = OPS_TOKEN) -> tuple[int, str]:
-    async with http.get(f"{url}/console/login?next=/console/payouts") as response:
-        page = await response.text()
-    match = _CSRF.search(page)
-    assert match, page
-    form = {"csrf": match.group(1), "next": "/console/payouts", "token": token}
-    async with http.post(f"{url}/console/login", data=form, allow_redirects=False) as response:
-        return response.status, response.headers.get("Location", "")
-
-
-@asynccontextmanager
-async def console(settings: Settings, api_base: str = NOWHERE) -> AsyncIterator[Console]:
-    """The API served, and a client signed in as ``ops`` that keeps its cookies."""
-    async with (
-        api_served(with_stripe(settings, api_base)) as url,
-        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
-    ):
-        status, location = await _sign_in(http, url)
-        assert (status, location) == (303, "/console/payouts")
-        cookie = next(c.value for c in http.cookie_jar if c.key == session.SESSION_COOKIE)
-        active = session.read(TOKENS, cookie, time.time())
-        assert active is not None and active.operator == "ops"
-        yield Console(http, url, active.csrf)
 
 
 async def test_pages_need_a_session_and_posts_need_the_csrf_token(settings: Settings) -> None:
@@ -85,8 +38,8 @@ async def test_pages_need_a_session_and_posts_need_the_csrf_token(settings: Sett
         async with http.post(f"{url}/console/login", data={"token": OPS_TOKEN}) as response:
             assert response.status == 403
             assert "The sign-in form expired" in await response.text()
-        assert (await _sign_in(http, url, token="tok_wrong"))[0] == 401
-        status, location = await _sign_in(http, url)
+        assert (await sign_in(http, url, token="tok_wrong"))[0] == 401
+        status, location = await sign_in(http, url)
         assert (status, location) == (303, "/console/payouts")
         async with http.post(f"{url}/console/exceptions/1/resolve", data={"note": "x"}) as response:
             assert response.status == 403
@@ -180,11 +133,8 @@ async def test_a_console_without_a_stripe_key_refuses_refunds_and_rejects(
         api_served(keyless) as url,
         aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
     ):
-        assert (await _sign_in(http, url))[0] == 303
-        cookie = next(c.value for c in http.cookie_jar if c.key == session.SESSION_COOKIE)
-        active = session.read(TOKENS, cookie, time.time())
-        assert active is not None
-        page = Console(http, url, active.csrf)
+        assert (await sign_in(http, url))[0] == 303
+        page = signed_in(http, url)
         assert (await page.get("/console/orders/ORD-K1"))[0] == 200
         status, body, _ = await page.post("/console/orders/ORD-K1/refund", {"reason": "duplicate"})
         assert status == 422 and "STRIPE_API_KEY is not set" in body
@@ -224,36 +174,102 @@ async def test_exceptions_resolve_and_retry_from_the_console(
     assert dict(row) == {"resolved_by": "ops", "resolution_note": "checked"}
 
 
-async def _dead_letter(con: asyncpg.Connection, event_id: str) -> None:
+async def _dead_letter(con: asyncpg.Connection, event_id: str) -> bytes:
+    """A dead letter waiting for replay, as the consumer records one; returns its stored body."""
+    body = (
+        b'{"id": "%s", "object": "event", "type": "refund.created", "created": 1, "data": {"object": {}}}'
+        % event_id.encode()
+    )
     await con.execute(
         "insert into recon.dead_letters (event_id, event_type, body, last_error, attempts, first_seen_at)"
         " values ($1, 'refund.created', $2, 'KeyError: charge', 8, now())",
         event_id,
-        b'{"id": "%s", "object": "event", "type": "refund.created", "created": 1, "data": {"object": {}}}'
-        % event_id.encode(),
+        body,
+    )
+    return body
+
+
+async def test_dead_letters_are_listed_and_replayed(
+    settings: Settings, con: asyncpg.Connection, amqp_url: str
+) -> None:
+    """The dead-letters page lists a waiting event with its error; Replay of an unknown id is 404;
+    Replay of the waiting one redirects to the page saying it is queued again: its stored body is
+    the one message in the work queue, the row is marked replayed and no longer listed."""
+    body = await _dead_letter(con, "evt_console_dead")
+    async with console(settings) as page:
+        status, body_shown, _ = await page.get("/console/dead-letters")
+        assert status == 200 and "evt_console_dead" in body_shown and "KeyError: charge" in body_shown
+        status, body_shown, _ = await page.post("/console/dead-letters/evt_unknown/replay", {})
+        assert status == 404 and "evt_unknown" in body_shown
+        status, _, location = await page.post("/console/dead-letters/evt_console_dead/replay", {})
+        assert (status, location) == (303, "/console/dead-letters?replayed=evt_console_dead")
+        status, body_shown, _ = await page.get(location)
+        assert status == 200 and "evt_console_dead is queued again." in body_shown
+        assert "No dead-lettered events waiting for replay." in body_shown
+    [queued] = await drain_work_queue(amqp_url)
+    assert (queued.message_id, queued.body) == ("evt_console_dead", body)
+    assert await con.fetchval(
+        "select replayed_at is not null from recon.dead_letters where event_id = 'evt_console_dead'"
     )
 
 
-async def test_dead_letters_are_listed_and_replayed(settings: Settings, con: asyncpg.Connection) -> None:
-    """The dead-letters page lists a waiting event with its error; Replay of an unknown id is 404;
-    Replay of the waiting one either redirects (the broker confirmed, the row is marked replayed)
-    or answers 503 and leaves it waiting — never both."""
-    await _dead_letter(con, "evt_console_dead")
+async def _unmatched_charge(con: asyncpg.Connection) -> tuple[int, str]:
+    """A charge.succeeded no order matches, past its waiting window: unmatched, one exception, its
+    body kept for a retry. Returns the exception's id and the event's id."""
+    charge = b.charge(amount=1500, metadata={"order_number": "ORD-LATER"})
+    event = b.charge_event("charge.succeeded", charge)
+    assert (await host.apply(con, b.incoming(event), retry_s=0)).outcome == "unmatched"
+    exception_id = await con.fetchval(
+        "select id from recon.exceptions where kind = 'unmatched_charge' and stripe_event_id = $1",
+        event["id"],
+    )
+    return int(exception_id), str(event["id"])
+
+
+async def test_retry_from_the_console_queues_the_event_again(
+    settings: Settings, con: asyncpg.Connection, amqp_url: str
+) -> None:
+    """Retry of an unmatched charge redirects to the exceptions page saying its event is queued
+    again: the event is the one message in the work queue, its inbox row is retrying again, the
+    retry is audited once, and the exception stays open until the event applies."""
+    exception_id, event_id = await _unmatched_charge(con)
     async with console(settings) as page:
-        status, body, _ = await page.get("/console/dead-letters")
-        assert status == 200 and "evt_console_dead" in body and "KeyError: charge" in body
-        status, body, _ = await page.post("/console/dead-letters/evt_unknown/replay", {})
-        assert status == 404 and "evt_unknown" in body
-        status, body, location = await page.post("/console/dead-letters/evt_console_dead/replay", {})
-        replayed = await con.fetchval(
-            "select replayed_at is not null from recon.dead_letters where event_id = 'evt_console_dead'"
+        status, _, location = await page.post(f"/console/exceptions/{exception_id}/retry", {})
+        assert (status, location) == (303, f"/console/exceptions?done=retried&id={exception_id}")
+        status, body, _ = await page.get(location)
+        assert status == 200 and f"Exception {exception_id}: its event is queued again." in body
+    assert [m.message_id for m in await drain_work_queue(amqp_url)] == [event_id]
+    assert await con.fetchval("select outcome from recon.event_inbox where event_id = $1", event_id) == (
+        "retrying"
+    )
+    assert await host.audit_actions(con, event_id) == ["event_unmatched", "exception_retried"]
+    assert await con.fetchval("select resolved_at from recon.exceptions where id = $1", exception_id) is None
+
+
+async def test_a_broker_that_refuses_the_message_is_a_503_and_nothing_changes(
+    settings: Settings, con: asyncpg.Connection
+) -> None:
+    """With the work queue full (the broker nacks every publish), Replay answers 503 saying the
+    event stays here and Retry 503 saying the broker did not take it: the dead letter is still
+    waiting and listed, and the unmatched event's inbox row is put back as it was."""
+    await _dead_letter(con, "evt_console_refused")
+    exception_id, event_id = await _unmatched_charge(con)
+    async with console(settings) as page, work_queue_full(settings):
+        status, body, _ = await page.post("/console/dead-letters/evt_console_refused/replay", {})
+        assert status == 503
+        assert "Not replayed: the broker did not confirm evt_console_refused; it stays here." in body
+        status, body, _ = await page.post(f"/console/exceptions/{exception_id}/retry", {})
+        assert status == 503
+        assert f"Not retried: the broker did not take the event of exception {exception_id}." in body
+    assert (
+        await con.fetchval(
+            "select replayed_at from recon.dead_letters where event_id = 'evt_console_refused'"
         )
-        if status == 303:
-            assert location == "/console/dead-letters?replayed=evt_console_dead" and replayed
-            status, body, _ = await page.get(location)
-            assert status == 200
-        else:
-            assert status == 503 and "it stays here" in body and not replayed
+        is None
+    )
+    assert await con.fetchval("select outcome from recon.event_inbox where event_id = $1", event_id) == (
+        "unmatched"
+    )
 
 
 async def test_payouts_list_and_one_payout(settings: Settings, con: asyncpg.Connection) -> None:

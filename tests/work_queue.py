@@ -1,11 +1,22 @@
-"""Read what operator commands queued: every message waiting in the test vhost's work queue."""
+"""Read what operator commands queued: every message waiting in the test vhost's work queue; and a
+work queue the broker refuses to add to, for the commands' refusals."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import unquote
+
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from yarl import URL
 
+from tests import servers
+from tests.harness import wait_until
 from worker.amqp import topology
+from worker.amqp.publisher import PublishFailed, persistent_message, publisher_session
+from worker.settings import Settings
 
 
 async def drain_work_queue(amqp_url: str) -> list[AbstractIncomingMessage]:
@@ -23,3 +34,37 @@ async def drain_work_queue(amqp_url: str) -> list[AbstractIncomingMessage]:
         return taken
     finally:
         await connection.close()
+
+
+@asynccontextmanager
+async def work_queue_full(settings: Settings) -> AsyncIterator[None]:
+    """The test vhost's work queue capped at one message by a policy of that vhost, and holding one:
+    its reject-publish overflow makes the broker nack every publish to it until the block ends
+    (the policy is cleared then). Entered once a probe publish was nacked: the policy is in force."""
+    vhost = unquote(URL(settings.amqp_url).path.lstrip("/"))
+    await asyncio.to_thread(
+        servers.rabbitmqctl,
+        "set_policy",
+        "-p",
+        vhost,
+        "--apply-to",
+        "queues",
+        "full",
+        r"^recon\.events$",
+        '{"max-length": 1}',
+    )
+    try:
+        async with publisher_session(settings) as publisher:
+
+            async def nacked() -> bool:
+                try:
+                    probe = persistent_message(b"{}", "probe", "probe", {})
+                    await publisher.publish_to_queue(probe, topology.WORK_QUEUE)
+                except PublishFailed:
+                    return True
+                return False
+
+            await wait_until(nacked, what="the broker to nack a publish to the full work queue")
+        yield
+    finally:
+        await asyncio.to_thread(servers.rabbitmqctl, "clear_policy", "-p", vhost, "full")

@@ -13,8 +13,11 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
+from tests import builders as b
+from tests import host_records as host
 from tests import stripe_ledger_api as api
 from tests.test_payouts import _paid_charge
+from tests.test_verify import settle_inbox
 from worker.ops import verify as verify_mod
 from worker.ops.payouts import reconcile_payouts
 from worker.ops.verify import verify
@@ -55,6 +58,34 @@ async def test_verify_with_no_charges_says_no_drift_in_both_forms(
     shown = json.loads(capsys.readouterr().out)
     assert (shown["since"], shown["until"]) == (since.isoformat(), until.isoformat())
     assert (shown["differences"], shown["failed"], shown["charges"]) == ([], [], 0)
+
+
+async def test_verify_prints_the_differences_as_a_table_and_the_charges_it_could_not_check(
+    con: asyncpg.Connection,
+    ledger: tuple[api.StripeLedgerApi, Settings],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The table form: one row per difference (a captured amount Stripe says is 700 where the
+    ledger booked 900, raised as an exception), and on stderr one line per charge Stripe would not
+    give (404 at once, not retried); exit 1 for the drift."""
+    served, s = ledger
+    await _paid_charge(con, "ch_vt", 900)
+    await _paid_charge(con, "ch_gone", 400)
+    await settle_inbox(con)
+    served.charges["ch_vt"] = dict(b.charge(charge_id="ch_vt", amount=900), amount_captured=700)
+    assert await verify(s, since=None, until=None, as_json=False) == 1
+    out, err = capsys.readouterr()
+    header, _rule, row = out.splitlines()
+    assert header.split() == ["CHARGE", "OBJECT", "FIELD", "OURS", "STRIPE", "EXCEPTION"]
+    assert row.split() == ["ch_vt", "ch_vt", "captured", "900", "700", "raised"]
+    assert "recon verify: could not check ch_gone: InvalidRequestError (HTTP 404)" in err
+    assert [r.status for r in served.requests_to("/v1/charges/ch_gone")] == [404]
+    [raised] = await host.exceptions(con, "drift")
+    assert (raised["stripe_object_id"], raised["detail"]["ours"], raised["detail"]["stripe"]) == (
+        "ch_vt",
+        900,
+        700,
+    )
 
 
 def test_the_verify_table_shows_each_difference_with_json_values() -> None:

@@ -43,6 +43,14 @@ async def front_fixture(localstripe_url: str) -> AsyncIterator[tuple[StripeFront
         yield served
 
 
+# A host URL nothing listens on: connections of a process with one queue host webhooks (schema
+# 0007). Tests that read the queued rows run no sender, so nothing is ever posted to it.
+QUEUE_HOST_WEBHOOKS: dict[str, Any] = {
+    "host_webhook_url": "http://127.0.0.1:9/hooks",
+    "host_webhook_secret": "whsec_host_queue_only",
+}
+
+
 def with_stripe(settings: Settings, api_base: str, **changes: Any) -> Settings:
     return dataclasses.replace(
         settings, stripe_api_key=API_KEY, stripe_api_base=api_base, api_tokens=TOKENS, **changes

@@ -14,6 +14,7 @@ from tests import builders as b
 from tests import host_records as host
 from tests.backoffice_setup import (
     OPS_TOKEN,
+    QUEUE_HOST_WEBHOOKS,
     SHOP_TOKEN,
     api_served,
     front_fixture,  # noqa: F401 - the fixture `front`
@@ -151,7 +152,7 @@ async def test_stripe_refusing_ends_the_request_failed_with_its_message_and_a_ho
     _api, base = front
     (charge_id,) = await paid_order(con, base, "ORD-A5", [3000])
     await refund_directly(base, charge_id, 3000)
-    s = with_stripe(settings, base)
+    s = with_stripe(settings, base, **QUEUE_HOST_WEBHOOKS)
     async with api_served(s) as url, aiohttp.ClientSession() as http:
         status, request = await post(
             http, f"{url}/v1/refunds", {"charge": charge_id, "reason": "fraudulent"}, key="r"
@@ -198,7 +199,7 @@ async def test_reject_order_refunds_everything_refundable_and_rejects_once(
     without a note is 422."""
     api, base = front
     await paid_order(con, base, "ORD-A7", [700, 300])
-    s = with_stripe(settings, base)
+    s = with_stripe(settings, base, **QUEUE_HOST_WEBHOOKS)
     async with api_served(s) as url, aiohttp.ClientSession() as http:
         missing = await post(http, f"{url}/v1/orders/ORD-A7/reject", {})
         status, request = await post(http, f"{url}/v1/orders/ORD-A7/reject", {"note": "out of stock"})

@@ -53,7 +53,7 @@ async def process(
     settings: Settings, api_base: str, hook: Any = None, timings: SubmitTimings = RESTARTED
 ) -> AsyncIterator[BackOffice]:
     """One life of a process: its own pool and Stripe client, gone when it ends (or dies)."""
-    pool = await open_backoffice_pool(settings.database_url)
+    pool = await open_backoffice_pool(settings)
     stripe_api = StripeRefundApi(API_KEY, api_base)
     try:
         yield BackOffice(pool, Submitter(pool, stripe_api, timings, hook))

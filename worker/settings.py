@@ -14,6 +14,8 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Waits between retries of an event that cannot apply yet (RECON_RETRY_DELAYS_S); the last one
 # repeats until RECON_UNMATCHED_RETRY_S runs out.
 DEFAULT_RETRY_DELAYS_S = (5.0, 30.0, 120.0, 600.0, 1800.0)
+# The PostgreSQL session setting the host-webhook triggers read (schema 0007): "off" queues none.
+HOST_WEBHOOKS_SESSION_SETTING = "recon.host_webhooks"
 
 
 class SettingsError(Exception):
@@ -190,6 +192,12 @@ class Settings:
             raise SettingsError(
                 "RECON_HOST_WEBHOOK_URL is set without RECON_HOST_WEBHOOK_SECRET to sign with"
             )
+
+    def database_session(self) -> dict[str, str]:
+        """Session settings for the connections that change statuses (the lanes, the back office).
+        With no host URL the database's triggers queue no host webhooks (schema 0007): rows that
+        would only be marked skipped cost PostgreSQL about 40% of a drained event's work."""
+        return {} if self.host_webhook_url else {HOST_WEBHOOKS_SESSION_SETTING: "off"}
 
     @property
     def api_enabled(self) -> bool:

@@ -265,7 +265,7 @@ def create_api_app(
     )
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        pool = await open_backoffice_pool(settings.database_url)
+        pool = await open_backoffice_pool(settings)
         owned: StripeRefundApi | None = None
         api = stripe_api
         if api is None and settings.stripe_api_key:
@@ -296,9 +296,15 @@ async def _to_console(_request: web.Request) -> web.Response:
     return web.Response(status=308, headers={"Location": CONSOLE_PREFIX + "/"})
 
 
-async def open_backoffice_pool(database_url: str, max_size: int = 4) -> asyncpg.Pool:
+async def open_backoffice_pool(settings: Settings, max_size: int = 4) -> asyncpg.Pool:
     """The back office's own connections: a slow operator screen never takes a lane's."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=max_size, command_timeout=30)
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=1,
+        max_size=max_size,
+        command_timeout=30,
+        server_settings=settings.database_session(),
+    )
     if pool is None:  # only when told not to initialise, which we never do
         raise RuntimeError("asyncpg.create_pool returned no pool")
     return pool

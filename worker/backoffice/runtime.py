@@ -91,7 +91,7 @@ def add_backoffice(
 
     async def backoffice_context(app: web.Application) -> AsyncIterator[None]:
         deadline = app[SHUTDOWN] if SHUTDOWN in app else Deadline()
-        pool = await open_backoffice_pool(settings.database_url)
+        pool = await open_backoffice_pool(settings)
         owned = (
             StripeRefundApi(settings.stripe_api_key, settings.stripe_api_base)
             if stripe_api is None and settings.stripe_api_key

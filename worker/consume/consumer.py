@@ -223,7 +223,7 @@ async def start_consumer(
     settings: Settings, rules: Rules, fetcher: RefundFetcher | None, timings: ConsumerTimings
 ) -> Consumer:
     # One connection per lane, one for the dead-letter drain, one for /readyz.
-    pool = await open_pool(settings.database_url, max_size=lane_count(settings) + 2)
+    pool = await open_pool(settings, max_size=lane_count(settings) + 2)
     try:
         connection = await connect(settings.amqp_url)
     except BaseException:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncpg
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from worker.settings import Settings
+
 
 class NoConnection(Exception):
     """The pool could not hand out a connection (server down, refused, misconfigured)."""
@@ -59,14 +61,14 @@ class PoolNotCreated(RuntimeError):
     """asyncpg.create_pool returned None: it does only when told not to initialise, which we never do."""
 
 
-async def open_pool(database_url: str, max_size: int) -> asyncpg.Pool:
+async def open_pool(settings: Settings, max_size: int) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        database_url,
+        settings.database_url,
         min_size=1,
         max_size=max_size,
         command_timeout=30,
         reset=_keep_session,
-        server_settings=SESSION_SETTINGS,
+        server_settings={**SESSION_SETTINGS, **settings.database_session()},
     )
     if pool is None:
         raise PoolNotCreated("asyncpg.create_pool returned no pool")

@@ -63,7 +63,7 @@ async def _print_request(pool: asyncpg.Pool, request: dict[str, Any]) -> None:
 async def _run(settings: Settings, start: Any) -> int:
     if not settings.stripe_api_key:
         raise SettingsError("STRIPE_API_KEY is required to start a refund")
-    pool = await open_backoffice_pool(settings.database_url, max_size=2)
+    pool = await open_backoffice_pool(settings, max_size=2)
     stripe_api = StripeRefundApi(settings.stripe_api_key, settings.stripe_api_base)
     try:
         backoffice = BackOffice(pool, Submitter(pool, stripe_api))

@@ -8,7 +8,8 @@ key and a 429. Requests to anything else — charges and refunds — go to ``ups
 unchanged, so one ``STRIPE_API_BASE`` serves both. Charges and refunds the test puts here are
 served from here instead (a test that needs a shape localstripe cannot make).
 
-Every request is recorded with its time; ``rate_limit_next`` makes the next N requests a 429.
+Every request is recorded with its time; ``rate_limit_next`` makes the next N requests a 429, and
+``fail_next[path]`` the next N requests to that path Stripe's 500 ``api_error``.
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class StripeLedgerApi:
     charges: dict[str, dict[str, Any]] = field(default_factory=dict)
     refunds: dict[str, dict[str, Any]] = field(default_factory=dict)
     rate_limit_next: int = 0
+    fail_next: dict[str, int] = field(default_factory=dict)  # path -> how many more 500s
     seen: list[Seen] = field(default_factory=list)
 
     # What a test puts in -----------------------------------------------------------------------
@@ -144,6 +146,9 @@ class StripeLedgerApi:
                 "Too many requests in a short time; back off and retry.",
                 "rate_limit",
             )
+        elif self.fail_next.get(request.path, 0) > 0:
+            self.fail_next[request.path] -= 1
+            response = stripe_error(500, "api_error", "An unknown error occurred")
         else:
             response = await handler(request)
         self.seen.append(

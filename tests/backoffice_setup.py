@@ -27,6 +27,7 @@ OPS_TOKEN = "tok_ops_0b7e5d3c9a1f2468"
 TOKENS = (("shop", SHOP_TOKEN), ("ops", OPS_TOKEN))
 SHOP = {"Authorization": f"Bearer {SHOP_TOKEN}"}
 DEFAULT_SUBMIT = SubmitTimings()
+NOWHERE = "http://127.0.0.1:9"  # a Stripe API nothing answers: for tests that never reach Stripe
 
 
 @pytest.fixture(scope="module", name="localstripe_url")

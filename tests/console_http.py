@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from tests.backoffice_setup import OPS_TOKEN, TOKENS, api_served, with_stripe
+from tests.backoffice_setup import NOWHERE, OPS_TOKEN, TOKENS, api_served, with_stripe
 from worker.backoffice.console import session
 from worker.settings import Settings
 
-NOWHERE = "http://127.0.0.1:9"  # a Stripe API nothing answers: for tests that never reach Stripe
 _CSRF = re.compile(r'name="csrf" value="([^"]*)"')
 
 

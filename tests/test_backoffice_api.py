@@ -3,6 +3,7 @@ idempotency keys, the split over payments, Stripe's refusal, rejecting an order,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import aiohttp
@@ -13,6 +14,7 @@ import structlog
 from tests import builders as b
 from tests import host_records as host
 from tests.backoffice_setup import (
+    NOWHERE,
     OPS_TOKEN,
     QUEUE_HOST_WEBHOOKS,
     SHOP_TOKEN,
@@ -119,6 +121,40 @@ async def test_refusals_are_422_with_a_reason_and_store_nothing(
     assert (no_key[0], no_key[1]["error"]) == (400, "idempotency_key_required")
     assert await con.fetchval("select count(*) from recon.refund_requests") == 0
     assert api.create_calls == 0
+
+
+async def test_malformed_bodies_and_ids_are_refused_before_anything_is_read_or_sent(
+    settings: Settings, con: asyncpg.Connection
+) -> None:
+    """A body that is JSON but not an object is 400 invalid_json; a note that is not a string, a
+    notify_buyer that is not a boolean, and a reject naming a field it does not take are 422 naming
+    the field; a refund id that is not a number is 404. Without STRIPE_API_KEY a valid refund is
+    503 stripe_not_configured. Nothing is stored."""
+    await paid_order(con, None, "ORD-M1", [1000])
+    refund = {"order_number": "ORD-M1", "amount": 100, "reason": "duplicate"}
+    async with api_served(with_stripe(settings, NOWHERE)) as url, aiohttp.ClientSession() as http:
+        answers = [
+            await post(http, f"{url}/v1/refunds", [refund], key="m1"),
+            await post(http, f"{url}/v1/refunds", refund | {"reason": "other", "note": 5}, key="m2"),
+            await post(http, f"{url}/v1/refunds", refund | {"notify_buyer": "yes"}, key="m3"),
+            await post(http, f"{url}/v1/orders/ORD-M1/reject", {"note": "fraud", "amount": 5}),
+            await get(http, f"{url}/v1/refunds/abc"),
+        ]
+    async with (
+        api_served(dataclasses.replace(with_stripe(settings, NOWHERE), stripe_api_key=None)) as url,
+        aiohttp.ClientSession() as http,
+    ):
+        keyless = await post(http, f"{url}/v1/refunds", refund, key="m4")
+    assert [(status, answer["error"]) for status, answer in answers] == [
+        (400, "invalid_json"),
+        (422, "invalid_note"),
+        (422, "invalid_notify_buyer"),
+        (422, "unknown_field"),
+        (404, "not_found"),
+    ]
+    assert answers[3][1]["detail"] == "unknown field(s): amount"
+    assert (keyless[0], keyless[1]["error"]) == (503, "stripe_not_configured")
+    assert await con.fetchval("select count(*) from recon.refund_requests") == 0
 
 
 async def test_an_order_refund_is_split_over_its_payments_newest_first(

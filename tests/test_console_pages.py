@@ -13,9 +13,9 @@ import pytest
 
 from tests import builders as b
 from tests import host_records as host
-from tests.backoffice_setup import OPS_TOKEN, TOKENS, api_served, paid_order, with_stripe
+from tests.backoffice_setup import NOWHERE, OPS_TOKEN, TOKENS, api_served, paid_order, with_stripe
 from tests.console_browser import raise_exception
-from tests.console_http import NOWHERE, console, sign_in, signed_in
+from tests.console_http import console, sign_in, signed_in
 from tests.work_queue import drain_work_queue, work_queue_full
 from worker.backoffice.console import session
 from worker.settings import Settings
@@ -147,9 +147,11 @@ async def test_exceptions_resolve_and_retry_from_the_console(
 ) -> None:
     """The exceptions page lists open ones by kind; Resolve without a note is 422, with one it
     redirects and the resolved view shows it; resolving an unknown id is 404, a non-numeric id
-    is 404; Retry of a kind that cannot be retried is 422 in words."""
+    is 404; Retry of a kind that cannot be retried, of one with no stored event, or of one already
+    resolved is 422 in words."""
     first = await raise_exception(con, "over_refund", "refund larger than charge")
     second = await raise_exception(con, "unmatched_charge", "no order for the charge")
+    closed, _ = await _unmatched_charge(con)
     async with console(settings) as page:
         status, body, _ = await page.get("/console/exceptions")
         assert status == 200 and f"exception-{first}" in body and f"exception-{second}" in body
@@ -170,6 +172,10 @@ async def test_exceptions_resolve_and_retry_from_the_console(
         assert status == 422 and "Not retried" in body
         status, body, _ = await page.post(f"/console/exceptions/{second}/retry", {})
         assert status == 422 and "no stored event body" in body
+        status, _, _ = await page.post(f"/console/exceptions/{closed}/resolve", {"note": "paid by hand"})
+        assert status == 303
+        status, body, _ = await page.post(f"/console/exceptions/{closed}/retry", {})
+        assert status == 422 and f"Not retried: exception {closed} is already resolved." in body
     row = await con.fetchrow("select resolved_by, resolution_note from recon.exceptions where id = $1", first)
     assert dict(row) == {"resolved_by": "ops", "resolution_note": "checked"}
 

@@ -45,6 +45,24 @@ def test_retry_delays_and_api_tokens_are_parsed() -> None:
     assert "tok_" not in repr(s) and "pw@" not in repr(s)
 
 
+@pytest.mark.parametrize(
+    ("raw", "livemode", "notify"),
+    [("true", True, True), ("1", True, True), ("no", False, False), ("FALSE", False, False)],
+)
+def test_yes_and_no_values_are_read_in_their_spellings(raw: str, livemode: bool, notify: bool) -> None:
+    """STRIPE_LIVEMODE and RECON_NOTIFY_DASHBOARD_REFUNDS take true/1/yes and false/0/no, any case."""
+    s = Settings.from_env({"STRIPE_LIVEMODE": raw, "RECON_NOTIFY_DASHBOARD_REFUNDS": raw})
+    assert (s.livemode, s.notify_dashboard_refunds) == (livemode, notify)
+
+
+def test_the_receiver_requires_a_webhook_secret() -> None:
+    """Settings without STRIPE_WEBHOOK_SECRETS load, but the receiver's check refuses them in words;
+    with one it passes."""
+    with pytest.raises(SettingsError, match="STRIPE_WEBHOOK_SECRETS is not set"):
+        Settings.from_env({}).require_webhook_secrets()
+    Settings.from_env({"STRIPE_WEBHOOK_SECRETS": "whsec_a"}).require_webhook_secrets()
+
+
 def test_secrets_are_split_and_hidden_from_repr() -> None:
     """Several secrets mean rotation; repr never shows them."""
     s = Settings.from_env({"STRIPE_WEBHOOK_SECRETS": "whsec_a, whsec_b", "STRIPE_API_KEY": "sk_test_x"})
@@ -66,6 +84,7 @@ def test_secrets_are_split_and_hidden_from_repr() -> None:
         ({"SMTP_URL": "mail.example:25"}, "SMTP_URL"),
         ({"RECON_HOST_WEBHOOK_URL": "https://shop.example/hooks"}, "RECON_HOST_WEBHOOK_SECRET"),
         ({"RECON_NOTIFY_DASHBOARD_REFUNDS": "maybe"}, "RECON_NOTIFY_DASHBOARD_REFUNDS"),
+        ({"RECON_HOST_WEBHOOK_URL": "shop.example/hooks"}, "RECON_HOST_WEBHOOK_URL must be an http"),
     ],
 )
 def test_bad_values_raise_settings_error(env: dict[str, str], needle: str) -> None:

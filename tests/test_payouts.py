@@ -419,12 +419,6 @@ async def test_lines_the_ledger_knows_in_part_or_not_at_all(
     assert done == Reconciled("po_mix", "differences", lines=6, difference_amount=sum(differences.values()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: worker/payouts/lines.py _dispute gives a converted dispute line whose fee the "
-    "ledger never booked a difference of +fee; the schema's difference is net minus what the ledger "
-    "books, i.e. -fee (as the same line in the ledger's currency gets from _compare)",
-)
 async def test_a_converted_dispute_fee_the_ledger_never_booked_is_short_by_that_fee(
     con: asyncpg.Connection, pool: asyncpg.Pool, ledger_api: tuple[api.StripeLedgerApi, str]
 ) -> None:

@@ -189,8 +189,11 @@ def _dispute(line: Line, facts: LedgerFacts) -> Verdict:
     if movement is not None:
         verdict = _compare(line, movement, movement.payment_id, fee_booked)
         if verdict.match == "matched" and line.fee != 0 and fee_row is None:
+            # Settled in another currency, so matched by source; the fee Stripe took is still not
+            # in the ledger: the line's net is short of what the ledger books by that fee (−fee, as
+            # _compare gives the same line in the ledger's own currency).
             return Verdict(
-                line, "amount_differs", movement.payment_id, movement.entry_id, movement.amount, line.fee
+                line, "amount_differs", movement.payment_id, movement.entry_id, movement.amount, -line.fee
             )
         return verdict
     payment_id = facts.dispute_payments.get(line.source_id or "")

@@ -284,8 +284,6 @@ def _refused_words(refused: store.RefundRefused, money: Callable[[int | None, st
         currency = str(refused.extra.get("currency", ""))
         cap = money(refused.refundable, currency)
         return f"Over the cap: at most {cap} is refundable now. Nothing was sent."
-    if refused.error == "note_required":
-        return "A refund with reason Other needs a note."
     return f"Refused: {refused.detail}."
 
 

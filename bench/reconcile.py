@@ -19,9 +19,10 @@ separate process) and reports the lag from each POST to its ledger row (booked_a
     .venv/bin/python bench/reconcile.py --skip-e2e --skip-pgbench
 
 --find-rate runs only end-to-end steps (a fresh database each, ~20 s of load each): rates stepping
-up from --find-start by --find-factor until p99 POST → ledger lag ≥ 1 s, one step in between, then
-0.5 R. It prints R, the machine's CPU µs per webhook at R (recon run + RabbitMQ + this database's
-PostgreSQL + the load generator), capacity = cores ÷ that, R ÷ capacity and the p99 lag at 0.5 R.
+up from --find-start by --find-factor until p99 POST → ledger lag ≥ 1 s, up to 3 steps in
+between, then 0.5 R. It prints R, the machine's CPU µs per webhook at R (recon run + RabbitMQ +
+this database's PostgreSQL + the load generator), capacity = cores ÷ that, R ÷ capacity and the
+p99 lag at 0.5 R.
 
     .venv/bin/python bench/reconcile.py --find-rate
     .venv/bin/python bench/reconcile.py --find-rate --step-s 5 --find-max-steps 3   # smoke run
@@ -672,7 +673,8 @@ def _passes(result: dict[str, Any]) -> bool:
 
 async def search_rate(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
     """Up by ``--find-factor`` from ``--find-start`` until p99 ≥ 1 s (down, if the start already
-    fails), then one step between the last pass and the first failure."""
+    fails), then ``--find-bisect`` steps halving the gap between the highest pass and the lowest
+    failure (fewer once they are within 3%): one step there left R up to 14% below the real one."""
     steps = [await rate_step(args.find_start, args.step_s, workdir, 1)]
     up = _passes(steps[0])
     while len(steps) < args.find_max_steps:
@@ -680,9 +682,11 @@ async def search_rate(args: argparse.Namespace, workdir: Path) -> list[dict[str,
         steps.append(await rate_step(round(rate), args.step_s, workdir, len(steps) + 1))
         if _passes(steps[-1]) != up:
             break
-    passed = [s["rate_per_s"] for s in steps if _passes(s)]
-    failed = [s["rate_per_s"] for s in steps if not _passes(s)]
-    if passed and failed and min(failed) > max(passed):
+    for _ in range(args.find_bisect):
+        passed = [s["rate_per_s"] for s in steps if _passes(s)]
+        failed = [s["rate_per_s"] for s in steps if not _passes(s)]
+        if not (passed and failed) or min(failed) <= max(passed) * 1.03:
+            break
         between = round((max(passed) * min(failed)) ** 0.5)
         steps.append(await rate_step(between, args.step_s, workdir, len(steps) + 1))
     return steps
@@ -829,6 +833,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--find-start", type=float, default=200.0, help="--find-rate's first rate")
     parser.add_argument("--find-factor", type=float, default=1.3, help="--find-rate's step between rates")
     parser.add_argument("--find-max-steps", type=int, default=10, help="--find-rate's most rates tried")
+    parser.add_argument(
+        "--find-bisect", type=int, default=3, help="--find-rate's steps between last pass and first failure"
+    )
     parser.add_argument("--step-s", type=float, default=20.0, help="--find-rate's seconds of load per rate")
     parser.add_argument(
         "--log-level", default="info", help="the processes' LOG_LEVEL (info: a line per event)"

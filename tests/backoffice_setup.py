@@ -18,6 +18,7 @@ from tests import host_records as host
 from tests.conftest import free_port
 from tests.stripe_events import unique_id
 from tests.stripe_front import API_KEY, StripeFront, captured_charge, localstripe_thread, stripe_front
+from worker.backoffice import store
 from worker.backoffice.api import create_api_app
 from worker.backoffice.submit import AnsweredHook, SubmitTimings
 from worker.settings import Settings
@@ -88,6 +89,21 @@ async def paid_order(
         await paid_payment(con, api_base, order_id=order_id, amount=amount, currency=currency)
         for amount in amounts
     ]
+
+
+async def booked_app_refund(
+    con: asyncpg.Connection, number: str, amount: int, currency: str, message: str
+) -> str:
+    """A back-office refund of ``amount`` on a new order, booked by its webhook: the e-mail is queued."""
+    (charge_id,) = await paid_order(con, None, number, [amount], currency=currency)
+    ask = store.RefundAsk("order", number, amount, "requested_by_customer", None, True, message)
+    request_id = await store.create_request(
+        con, ask, requested_by="desk", idempotency_key=None, fingerprint=None
+    )
+    refund = b.refund(charge_id=charge_id, amount=amount, currency=currency)
+    refund["metadata"] = {"recon_refund_request_id": str(request_id)}
+    await host.apply(con, b.incoming(b.refund_event("refund.created", refund)))
+    return str(refund["id"])
 
 
 @asynccontextmanager

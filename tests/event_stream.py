@@ -87,13 +87,15 @@ def build(charges: int, *, seed: int = 7, duplicate_share: float = 0.1, tag: str
     return Stream(payments, events)
 
 
-async def seed(con: asyncpg.Connection, payments: list[HostPayment]) -> None:
-    """The host application's orders and payments, in two statements."""
+async def seed(con: asyncpg.Connection, payments: list[HostPayment], *, buyer_emails: bool = False) -> None:
+    """The host application's orders and payments, in two statements; ``buyer_emails`` gives each
+    order a buyer's address, as a shop's orders have (bench/reconcile.py)."""
     await con.execute(
         """
         with o as (
-            insert into recon.orders (number, currency, amount_total)
-            select * from unnest($1::text[], $2::text[], $3::bigint[])
+            insert into recon.orders (number, currency, amount_total, buyer_email)
+            select n, c, a, case when $5 then 'buyer-' || lower(n) || '@shop.example' end
+            from unnest($1::text[], $2::text[], $3::bigint[]) as t(n, c, a)
             returning id, number, currency, amount_total
         )
         insert into recon.payments (stripe_charge_id, order_id, method, currency, amount)
@@ -104,6 +106,7 @@ async def seed(con: asyncpg.Connection, payments: list[HostPayment]) -> None:
         [p.currency for p in payments],
         [p.amount for p in payments],
         [p.charge_id for p in payments],
+        buyer_emails,
     )
 
 

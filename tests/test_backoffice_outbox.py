@@ -14,11 +14,10 @@ from prometheus_client import REGISTRY
 
 from tests import builders as b
 from tests import host_records as host
-from tests.backoffice_setup import paid_order
+from tests.backoffice_setup import booked_app_refund, paid_order
 from tests.conftest import free_port
 from tests.host_sink import host_sink, verify_recon_signature
 from tests.smtp_sink import smtp_sink
-from worker.backoffice import store
 from worker.backoffice.host_webhooks import HostWebhookDeliverer
 from worker.backoffice.mail import MailDeliverer
 from worker.backoffice.money import format_money
@@ -30,21 +29,6 @@ SECRET = "whsec_host_9d3a61f0c2b84e57"
 AGAIN = (
     "update recon.outbox set state = 'pending', finished_at = null, due_at = now() where channel = 'email'"
 )
-
-
-async def booked_app_refund(
-    con: asyncpg.Connection, number: str, amount: int, currency: str, message: str
-) -> str:
-    """A back-office refund of ``amount`` on a new order, booked by its webhook: the e-mail is queued."""
-    (charge_id,) = await paid_order(con, None, number, [amount], currency=currency)
-    ask = store.RefundAsk("order", number, amount, "requested_by_customer", None, True, message)
-    request_id = await store.create_request(
-        con, ask, requested_by="desk", idempotency_key=None, fingerprint=None
-    )
-    refund = b.refund(charge_id=charge_id, amount=amount, currency=currency)
-    refund["metadata"] = {"recon_refund_request_id": str(request_id)}
-    await host.apply(con, b.incoming(b.refund_event("refund.created", refund)))
-    return str(refund["id"])
 
 
 async def states(con: asyncpg.Connection, channel: str) -> list[tuple[str, int]]:

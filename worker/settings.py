@@ -14,8 +14,10 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Waits between retries of an event that cannot apply yet (RECON_RETRY_DELAYS_S); the last one
 # repeats until RECON_UNMATCHED_RETRY_S runs out.
 DEFAULT_RETRY_DELAYS_S = (5.0, 30.0, 120.0, 600.0, 1800.0)
-# The PostgreSQL session setting the host-webhook triggers read (schema 0007): "off" queues none.
+# PostgreSQL session settings the outbox triggers read: "off" queues no host webhook (schema 0007),
+# no buyer e-mail about a refund made outside the app (0008).
 HOST_WEBHOOKS_SESSION_SETTING = "recon.host_webhooks"
+DASHBOARD_REFUND_MAIL_SESSION_SETTING = "recon.dashboard_refund_mail"
 
 
 class SettingsError(Exception):
@@ -194,10 +196,16 @@ class Settings:
             )
 
     def database_session(self) -> dict[str, str]:
-        """Session settings for the connections that change statuses (the lanes, the back office).
-        With no host URL the database's triggers queue no host webhooks (schema 0007): rows that
-        would only be marked skipped cost PostgreSQL about 40% of a drained event's work."""
-        return {} if self.host_webhook_url else {HOST_WEBHOOKS_SESSION_SETTING: "off"}
+        """Session settings for the connections that change statuses (the lanes, the back office):
+        the database queues no outbox row this process's senders would only mark skipped — no host
+        webhooks without a host URL (schema 0007: those rows cost PostgreSQL about 40% of a drained
+        event's work), no e-mail about a dashboard refund unless asked to send them (0008)."""
+        session: dict[str, str] = {}
+        if not self.host_webhook_url:
+            session[HOST_WEBHOOKS_SESSION_SETTING] = "off"
+        if not self.notify_dashboard_refunds:
+            session[DASHBOARD_REFUND_MAIL_SESSION_SETTING] = "off"
+        return session
 
     @property
     def api_enabled(self) -> bool:

@@ -1,6 +1,8 @@
-"""Host webhooks are queued only by sessions that may deliver them (schema 0007): the worker's and
-the back office's connections say ``recon.host_webhooks = off`` when no host URL is set, and a
-session that says nothing still queues, so no webhook is lost to a connection that was not told."""
+"""Outbox rows are queued only by sessions whose process would send them: host webhooks (schema
+0007) only with a host URL, e-mails about refunds made outside the app (0008) only with
+RECON_NOTIFY_DASHBOARD_REFUNDS. The worker's and the back office's connections say so in their
+session settings; a session that says nothing still queues, so nothing is lost to a connection that
+was not told."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import asyncpg
 
 from tests import builders as b
 from tests import host_records as host
-from tests.backoffice_setup import QUEUE_HOST_WEBHOOKS, paid_order
+from tests.backoffice_setup import QUEUE_HOST_WEBHOOKS, booked_app_refund, paid_order
 from worker.backoffice.api import open_backoffice_pool
 from worker.consume.database import open_pool
 from worker.settings import Settings
@@ -64,3 +66,38 @@ async def test_only_sessions_of_a_process_with_a_host_url_queue_host_webhooks(
     ]
     statuses = await con.fetch("select number, status from recon.orders order by number")
     assert {r["status"] for r in statuses} == {"partially_refunded"}
+
+
+async def _mails(con: asyncpg.Connection) -> list[tuple[str, str]]:
+    """(order number, source) of the queued buyer e-mails, oldest first."""
+    rows = await con.fetch(
+        "select payload->>'order_number' as number, payload->>'source' as source "
+        "from recon.outbox where channel = 'email' order by id"
+    )
+    return [(r["number"], r["source"]) for r in rows]
+
+
+async def test_only_sessions_that_send_dashboard_refund_mail_queue_it(
+    con: asyncpg.Connection, settings: Settings
+) -> None:
+    """RECON_NOTIFY_DASHBOARD_REFUNDS off: the lanes' pool queues no e-mail about a refund made
+    outside the app, but still the one about a refund asked for in the app; on, it queues both. A
+    plain session queues as before (its sender then marks the row skipped)."""
+    assert not settings.notify_dashboard_refunds
+    notify = dataclasses.replace(settings, notify_dashboard_refunds=True)
+    for suffix, pool_settings in [("OFF", settings), ("ON", notify)]:
+        pool = await open_pool(pool_settings, max_size=1)
+        try:
+            async with pool.acquire() as pooled:
+                await _refund_on(pooled, f"ORD-DASH-{suffix}")
+                await booked_app_refund(pooled, f"ORD-APP-{suffix}", 2000, "usd", "")
+        finally:
+            await pool.close()
+    await _refund_on(con, "ORD-DASH-PLAIN")
+
+    assert await _mails(con) == [
+        ("ORD-APP-OFF", "app"),
+        ("ORD-DASH-ON", "stripe"),
+        ("ORD-APP-ON", "app"),
+        ("ORD-DASH-PLAIN", "stripe"),
+    ]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import structlog
@@ -65,6 +67,58 @@ async def test_a_queue_that_keeps_up_keeps_the_small_window(
                     await wait_until(lambda n=i + 1: _is_done(settings.database_url, n), what="applied")
                 assert consumer.window is not None and consumer.window.current == settings.worker_concurrency
     assert [line for line in logs if line["event"] == "prefetch_changed"] == []
+
+
+async def test_work_in_flight_keeps_the_window_wide_though_the_queue_reads_empty(
+    settings: Settings, amqp_url: str, fake: FakeRules
+) -> None:
+    """300 events widen the window and are all taken in, so the queue reads empty; held in flight
+    (the rules wait on a gate), more than the small window holds is unfinished, and the window stays
+    wide through many empty readings. Released, every event is applied once and only then does the
+    window narrow."""
+    defaults = replace(settings, worker_concurrency=Settings().worker_concurrency)
+    ids = [f"evt_held_{i:04d}" for i in range(300)]
+    gate = asyncio.Event()
+
+    async def held(_con: Any, _delivery: Any) -> None:
+        await gate.wait()
+
+    fake.behaviour.update(dict.fromkeys(ids, held))
+    timings = ConsumerTimings(depth_every_s=0.05)
+    async with feeder(amqp_url, settings) as feed:
+        for i, event_id in enumerate(ids):
+            await feed.event(event(event_id, charge_id=f"ch_{i % 97}"))
+        with structlog.testing.capture_logs() as logs:
+            async with consumer_running(defaults, fake.rules(), timings=timings) as consumer:
+                window = consumer.window
+                assert window is not None
+                await wait_until(lambda: _current(window, BURST_PREFETCH), what="the window widened")
+                await wait_until(lambda: _empty(feed), what="every event taken in")
+                empty_from = window.readings
+                # Twice the readings that would narrow an idle window, all with the queue empty.
+                await wait_until(
+                    lambda: _at_least(window.readings, empty_from + 2 * window.calm_reads),
+                    what="empty readings",
+                )
+                assert window.current == BURST_PREFETCH
+                gate.set()
+                await wait_until(lambda: _is_done(settings.database_url, len(ids)), what="all applied")
+                await wait_until(lambda: _narrowed(consumer), what="the window narrowed")
+    changes = [line["prefetch"] for line in logs if line["event"] == "prefetch_changed"]
+    assert changes == [BURST_PREFETCH, defaults.worker_concurrency]
+    assert sorted(event_id for event_id, _ in fake.calls) == ids
+
+
+async def _empty(feed: Any) -> bool:
+    return bool(await feed.depth() == 0)
+
+
+async def _current(window: Any, prefetch: int) -> bool:
+    return bool(window.current == prefetch)
+
+
+async def _at_least(value: int, floor: int) -> bool:
+    return value >= floor
 
 
 async def _is_done(database_url: str, n: int) -> bool:

@@ -37,6 +37,11 @@ class AckWindow:
         bisect.insort(self._outstanding, _tag(message))
 
     @property
+    def outstanding(self) -> int:
+        """Delivered and not acked yet: in the lanes, in a running batch, or finished and held."""
+        return len(self._outstanding)
+
+    @property
     def held(self) -> int:
         """Finished deliveries not acked yet (waiting behind an unfinished one)."""
         return len(self._finished) - len(self._settled)
@@ -109,6 +114,11 @@ class Acks:
 
     def delivered(self, message: Delivery) -> None:
         self.window(message).delivered(message)
+
+    @property
+    def outstanding(self) -> int:
+        """Deliveries not acked yet on the open channels (a closed one's come back redelivered)."""
+        return sum(w.outstanding for w in self._windows.values() if not w.channel.is_closed)
 
     async def ack(self, *messages: Delivery) -> bool:
         """Ack ``messages`` (with as few frames as the windows allow); True if all were acked."""

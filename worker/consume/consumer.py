@@ -84,8 +84,11 @@ class PrefetchWindow:
     """Small while the work queue is empty, wide under a backlog: the default settings drain a
     backlog fast and still hand a lone event to a lane at once.
 
-    Widened when more messages wait in the queue than the small window holds; narrowed once the
-    queue has been empty ``calm_reads`` depth reads in a row (a lull between two bursts keeps it).
+    Widened when more messages wait in the queue than the small window holds; narrowed once, for
+    ``calm_reads`` depth reads in a row, the queue was empty and no more than the small window was
+    in flight. An empty queue alone is no lull: under a steady load the wide window takes in every
+    message as it arrives, and narrowing then left a backlog that widened it again a second later,
+    a see-saw that cost the lag's tail near capacity (docs/performance.md).
     """
 
     subscription: Subscription
@@ -95,17 +98,20 @@ class PrefetchWindow:
     timeout_s: float
     calm_reads: int = 3
     current: int = 0
-    _empty_reads: int = 0
+    readings: int = 0  # depth reads observed so far
+    _calm_in_a_row: int = 0
 
     def __post_init__(self) -> None:
         self.current = self.small
 
     async def observe(self, ready: int) -> None:
         """One depth reading of the work queue (messages ready, not yet delivered)."""
-        self._empty_reads = self._empty_reads + 1 if ready == 0 else 0
+        self.readings += 1
+        calm = ready == 0 and self.acks.outstanding <= self.small
+        self._calm_in_a_row = self._calm_in_a_row + 1 if calm else 0
         if self.current == self.small and ready > self.small and self.wide > self.small:
             await self._set(self.wide, ready)
-        elif self.current == self.wide and self._empty_reads >= self.calm_reads:
+        elif self.current == self.wide and self._calm_in_a_row >= self.calm_reads:
             await self._set(self.small, ready)
 
     async def _set(self, prefetch: int, ready: int) -> None:

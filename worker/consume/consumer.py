@@ -153,7 +153,13 @@ class Consumer:
     async def stop_consuming(self, deadline: Deadline) -> None:
         if self.monitor is not None:  # it may change the prefetch window, i.e. consume again
             self.monitor.cancel()
-            await asyncio.gather(self.monitor, return_exceptions=True)
+            # Bounded: cancelled inside an aiormq call, the task may not end promptly, and a stop
+            # must not wait on a gauge. Its channel goes with the connection.
+            done, _ = await asyncio.wait(
+                {self.monitor}, timeout=min(self.timings.check_timeout_s, deadline.remaining())
+            )
+            if not done:
+                log.warning("queue_depth_monitor_not_stopped", after_s=self.timings.check_timeout_s)
             self.monitor = None
         for subscription in self.consuming:
             timeout_s = min(self.timings.check_timeout_s, deadline.remaining())

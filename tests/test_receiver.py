@@ -8,21 +8,19 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
-from urllib.parse import unquote
 
 import aio_pika
 import aiohttp
 import pytest
 import pytest_asyncio
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from yarl import URL
 
-from tests import servers
 from tests.conftest import free_port
 from tests.harness import post_event, running, wait_until
 from tests.stripe_events import TEST_SECRET, encode, fixture, make_event, sign
 from tests.tcp_proxy import TcpProxy
+from tests.work_queue import drain_work_queue, work_queue_capped
 from worker.amqp import topology
 from worker.settings import Settings
 
@@ -52,19 +50,6 @@ async def receiver(receiver_settings: Settings) -> AsyncIterator[str]:
 
 def refund_event(**kwargs: Any) -> dict[str, Any]:
     return make_event("charge.refunded", fixture("charge"), **kwargs)
-
-
-async def drain_work_queue(amqp_url: str) -> list[AbstractIncomingMessage]:
-    """Every message now in recon.events of this test's vhost, acked (publishing confirmed before 200)."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(topology.WORK_QUEUE, passive=True)
-        messages = []
-        while (message := await queue.get(fail=False)) is not None:
-            await message.ack()
-            messages.append(message)
-        return messages
 
 
 async def assert_only_sentinel_queued(http: aiohttp.ClientSession, base_url: str, amqp_url: str) -> None:
@@ -463,30 +448,14 @@ async def test_a_broker_nack_is_a_503_and_nothing_is_queued(
     """When the broker refuses the message (a full queue with reject-publish nacks it), the answer
     is 503 publish_not_confirmed so Stripe retries, and nothing is queued; once the workers have
     drained the queue below its limit, the same event is accepted and queued, once."""
-    vhost = unquote(URL(amqp_url).path.lstrip("/"))
-    # A policy of this test's own vhost: recon.events is full at one message, and its
-    # reject-publish overflow makes the broker nack every publish beyond that.
-    await asyncio.to_thread(
-        servers.rabbitmqctl,
-        "set_policy",
-        "-p",
-        vhost,
-        "--apply-to",
-        "queues",
-        "full",
-        r"^recon\.events$",
-        '{"max-length": 1}',
-    )
     refused: list[dict[str, Any]] = []
-    try:
+    async with work_queue_capped(amqp_url):
         await wait_until(lambda: _refused(http, receiver, refused), what="the broker to nack a publish")
         [event] = refused
         before = [m.message_id for m in await drain_work_queue(amqp_url)]  # the workers catch up
         assert event["id"] not in before and before  # what was confirmed stayed queued
         await wait_until(lambda: _accepted(http, receiver, event), what="the queue to take the event again")
         assert [m.message_id for m in await drain_work_queue(amqp_url)] == [event["id"]]
-    finally:
-        await asyncio.to_thread(servers.rabbitmqctl, "clear_policy", "-p", vhost, "full")
 
 
 async def _refused(http: aiohttp.ClientSession, base_url: str, refused: list[dict[str, Any]]) -> bool:

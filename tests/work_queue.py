@@ -37,11 +37,10 @@ async def drain_work_queue(amqp_url: str) -> list[AbstractIncomingMessage]:
 
 
 @asynccontextmanager
-async def work_queue_full(settings: Settings) -> AsyncIterator[None]:
-    """The test vhost's work queue capped at one message by a policy of that vhost, and holding one:
-    its reject-publish overflow makes the broker nack every publish to it until the block ends
-    (the policy is cleared then). Entered once a probe publish was nacked: the policy is in force."""
-    vhost = unquote(URL(settings.amqp_url).path.lstrip("/"))
+async def work_queue_capped(amqp_url: str) -> AsyncIterator[None]:
+    """The vhost's work queue capped at one message by a policy of that vhost: its reject-publish
+    overflow makes the broker nack every publish beyond that. The policy is cleared at the end."""
+    vhost = unquote(URL(amqp_url).path.lstrip("/"))
     await asyncio.to_thread(
         servers.rabbitmqctl,
         "set_policy",
@@ -54,6 +53,17 @@ async def work_queue_full(settings: Settings) -> AsyncIterator[None]:
         '{"max-length": 1}',
     )
     try:
+        yield
+    finally:
+        await asyncio.to_thread(servers.rabbitmqctl, "clear_policy", "-p", vhost, "full")
+
+
+@asynccontextmanager
+async def work_queue_full(settings: Settings) -> AsyncIterator[None]:
+    """The test vhost's work queue capped at one message and holding one: the broker nacks every
+    publish to it until the block ends. Entered once a probe publish was nacked: the policy is in
+    force."""
+    async with work_queue_capped(settings.amqp_url):
         async with publisher_session(settings) as publisher:
 
             async def nacked() -> bool:
@@ -66,5 +76,3 @@ async def work_queue_full(settings: Settings) -> AsyncIterator[None]:
 
             await wait_until(nacked, what="the broker to nack a publish to the full work queue")
         yield
-    finally:
-        await asyncio.to_thread(servers.rabbitmqctl, "clear_policy", "-p", vhost, "full")

@@ -7,6 +7,8 @@ was not told."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 
 import asyncpg
 
@@ -26,6 +28,17 @@ async def _refund_on(con: asyncpg.Connection, number: str) -> None:
     )
 
 
+@asynccontextmanager
+async def _pooled(opening: Awaitable[asyncpg.Pool]) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of a pool as the worker opens it (its session settings), the pool closed after."""
+    pool = await opening
+    try:
+        async with pool.acquire() as con:
+            yield con
+    finally:
+        await pool.close()
+
+
 async def _queued(con: asyncpg.Connection) -> list[tuple[str, str]]:
     """(order number, new status) of the queued order.status_changed webhooks, oldest first."""
     rows = await con.fetch(
@@ -42,20 +55,13 @@ async def test_only_sessions_of_a_process_with_a_host_url_queue_host_webhooks(
     pool does. A plain session (psql, migrations, the host's code) queues as before."""
     assert settings.host_webhook_url is None
     with_url = dataclasses.replace(settings, **QUEUE_HOST_WEBHOOKS)
-    for number, pool_settings, opener in [
-        ("ORD-LANES-OFF", settings, "lanes"),
-        ("ORD-BACKOFFICE-OFF", settings, "backoffice"),
-        ("ORD-LANES-ON", with_url, "lanes"),
+    for number, opening in [
+        ("ORD-LANES-OFF", open_pool(settings, max_size=1)),
+        ("ORD-BACKOFFICE-OFF", open_backoffice_pool(settings, max_size=1)),
+        ("ORD-LANES-ON", open_pool(with_url, max_size=1)),
     ]:
-        if opener == "lanes":
-            pool = await open_pool(pool_settings, max_size=1)
-        else:
-            pool = await open_backoffice_pool(pool_settings, max_size=1)
-        try:
-            async with pool.acquire() as pooled:
-                await _refund_on(pooled, number)
-        finally:
-            await pool.close()
+        async with _pooled(opening) as pooled:
+            await _refund_on(pooled, number)
     await _refund_on(con, "ORD-PLAIN")
 
     assert await _queued(con) == [
@@ -86,13 +92,9 @@ async def test_only_sessions_that_send_dashboard_refund_mail_queue_it(
     assert not settings.notify_dashboard_refunds
     notify = dataclasses.replace(settings, notify_dashboard_refunds=True)
     for suffix, pool_settings in [("OFF", settings), ("ON", notify)]:
-        pool = await open_pool(pool_settings, max_size=1)
-        try:
-            async with pool.acquire() as pooled:
-                await _refund_on(pooled, f"ORD-DASH-{suffix}")
-                await booked_app_refund(pooled, f"ORD-APP-{suffix}", 2000, "usd", "")
-        finally:
-            await pool.close()
+        async with _pooled(open_pool(pool_settings, max_size=1)) as pooled:
+            await _refund_on(pooled, f"ORD-DASH-{suffix}")
+            await booked_app_refund(pooled, f"ORD-APP-{suffix}", 2000, "usd", "")
     await _refund_on(con, "ORD-DASH-PLAIN")
 
     assert await _mails(con) == [

@@ -38,8 +38,7 @@ async def test_a_backlog_widens_the_window_and_an_empty_queue_narrows_it(
     ids = [f"evt_window_{i:05d}" for i in range(1500)]
     timings = ConsumerTimings(depth_every_s=0.1)
     async with feeder(amqp_url, settings) as feed:
-        for i, event_id in enumerate(ids):
-            await feed.event(event(event_id, charge_id=f"ch_{i % 97}"))
+        await _queue_all(feed, ids)
         with structlog.testing.capture_logs() as logs:
             async with consumer_running(defaults, fake.rules(), timings=timings) as consumer:
                 await wait_until(
@@ -86,8 +85,7 @@ async def test_work_in_flight_keeps_the_window_wide_though_the_queue_reads_empty
     fake.behaviour.update(dict.fromkeys(ids, held))
     timings = ConsumerTimings(depth_every_s=0.05)
     async with feeder(amqp_url, settings) as feed:
-        for i, event_id in enumerate(ids):
-            await feed.event(event(event_id, charge_id=f"ch_{i % 97}"))
+        await _queue_all(feed, ids)
         with structlog.testing.capture_logs() as logs:
             async with consumer_running(defaults, fake.rules(), timings=timings) as consumer:
                 window = consumer.window
@@ -107,6 +105,12 @@ async def test_work_in_flight_keeps_the_window_wide_though_the_queue_reads_empty
     changes = [line["prefetch"] for line in logs if line["event"] == "prefetch_changed"]
     assert changes == [BURST_PREFETCH, defaults.worker_concurrency]
     assert sorted(event_id for event_id, _ in fake.calls) == ids
+
+
+async def _queue_all(feed: Any, ids: list[str]) -> None:
+    """An event per id, spread over 97 charges (so over every lane), queued before the consumer starts."""
+    for i, event_id in enumerate(ids):
+        await feed.event(event(event_id, charge_id=f"ch_{i % 97}"))
 
 
 async def _empty(feed: Any) -> bool:

@@ -155,11 +155,10 @@ class Consumer:
             self.monitor.cancel()
             # Bounded: cancelled inside an aiormq call, the task may not end promptly, and a stop
             # must not wait on a gauge. Its channel goes with the connection.
-            done, _ = await asyncio.wait(
-                {self.monitor}, timeout=min(self.timings.check_timeout_s, deadline.remaining())
-            )
+            wait_s = min(self.timings.check_timeout_s, deadline.remaining())
+            done, _ = await asyncio.wait({self.monitor}, timeout=wait_s)
             if not done:
-                log.warning("queue_depth_monitor_not_stopped", after_s=self.timings.check_timeout_s)
+                log.warning("queue_depth_monitor_not_stopped", after_s=wait_s)
             self.monitor = None
         for subscription in self.consuming:
             timeout_s = min(self.timings.check_timeout_s, deadline.remaining())

@@ -15,8 +15,15 @@ request signed before the clock starts. The order alternates round by round (our
 peer first, ...) so a drift in the shared machine's speed does not favour one side. Between phases
 our work queue is purged and the peer's tables are truncated.
 
+`--floor` adds a third target to each round: the least our obligations can cost in this stack. One
+process: aiohttp on uvloop, `verify_header`, one orjson parse, and the same persistent, mandatory,
+confirmed publish of the same properties and bytes (worker.amqp.publisher.event_message) on a bare
+aiormq channel, into the same queue; no log line, no metrics, no readiness, no reconnects. What the
+floor cannot reach, no trimming of `recon receiver` can.
+
     .venv/bin/python bench/peer_intake.py                 # 3 rounds, 10,000 measured + 2,000 warm-up
     .venv/bin/python bench/peer_intake.py --quick         # 2 rounds, 2,000 + 300: a smoke run
+    .venv/bin/python bench/peer_intake.py --floor         # ours, the floor and the peer, alternated
     # also: --rounds N --requests N --warmup N --concurrency N
 """
 
@@ -157,6 +164,67 @@ def start_ours(vhost: str, secret: str, workdir: Path) -> Target:
     return Target("ours", process, f"http://127.0.0.1:{port}", "rabbitmq")
 
 
+def start_floor(vhost: str, secret: str) -> Target:
+    port = intake.free_port()
+    env = os.environ | {"BENCH_SECRET": secret, "AMQP_URL": intake.AMQP_BASE + quote(vhost, safe="")}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(port)]
+    log = (RESULTS / "floor-server.log").open("wb")
+    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    return Target("floor", process, f"http://127.0.0.1:{port}", "rabbitmq")
+
+
+def serve_floor(port: int, secret: str, amqp_url: str) -> None:
+    """verify_header, parse, confirmed mandatory publish of the exact bytes; nothing else."""
+    import aiormq
+    import orjson
+    import stripe
+    from aiohttp import web
+
+    from worker.amqp.publisher import event_message
+
+    channel: aiormq.abc.AbstractChannel | None = None
+
+    async def webhook(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            stripe.WebhookSignature.verify_header(
+                body.decode(), request.headers.get("Stripe-Signature", ""), secret, tolerance=300
+            )
+            event = orjson.loads(body)
+        except (stripe.SignatureVerificationError, ValueError):
+            return web.json_response({"error": "rejected"}, status=400)
+        message = event_message(body, event["id"], event["type"], event["created"])
+        assert channel is not None
+        confirmation = await channel.basic_publish(
+            body,
+            exchange=topology.EVENTS_EXCHANGE,
+            routing_key=event["type"],
+            properties=message.properties,
+            mandatory=True,
+            timeout=5.0,
+        )
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            return web.json_response({"error": "not_confirmed"}, status=503)
+        return web.Response(body=b'{"received":true}', content_type="application/json")
+
+    async def ready(_request: web.Request) -> web.Response:
+        return web.json_response({"ready": channel is not None}, status=200 if channel else 503)
+
+    async def broker(_app: web.Application) -> Any:
+        nonlocal channel
+        connection = await aiormq.connect(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        yield
+        await connection.close()
+
+    app = web.Application()
+    app.router.add_post("/webhooks/stripe", webhook)
+    app.router.add_get("/readyz", ready)
+    app.cleanup_ctx.append(broker)
+    uvloop.install()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
 def migrate_peer(database: str) -> None:
     """The peer's own migrations (it logs and swallows a failure, so the tables are checked)."""
     env = os.environ | {"DATABASE_URL": reconcile.db_url(database)}
@@ -186,7 +254,7 @@ def start_peer(database: str, secret: str) -> Target:
 async def stored_then_reset(target: Target, vhost: str, database: str) -> int:
     """What the phase left stored (messages in our queue, rows in the peer's tables: one per
     accepted request, warm-up included), then empty it so each phase starts alike."""
-    if target.name == "ours":
+    if target.backend == "rabbitmq":
         amqp_url = intake.AMQP_BASE + quote(vhost, safe="")
         connection = await aio_pika.connect(amqp_url, timeout=intake.BROKER_CALL_TIMEOUT_S)
         async with connection:
@@ -302,6 +370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2_000, help="unmeasured requests before each phase")
     parser.add_argument("--concurrency", type=int, default=64, help="keep-alive connections, closed loop")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2,000 + 300: a smoke run")
+    parser.add_argument("--floor", action="store_true", help="also the floor: verify, parse, publish")
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup = 2_000, 300
@@ -316,7 +386,7 @@ def summary(results: list[PhaseResult]) -> dict[str, Any]:
             key: round(statistics.median(getattr(r, key) for r in results if r.target == name), 1)
             for key in ("accepted_per_s", "p50_ms", "p99_ms")
         }
-        for name in ("ours", "peer")
+        for name in sorted({r.target for r in results})
     }
     ours, peer = medians["ours"], medians["peer"]
     ratios = {
@@ -331,7 +401,14 @@ def summary(results: list[PhaseResult]) -> dict[str, Any]:
             )
         ],
     }
-    return {"median": medians, "ours_over_peer": ratios}
+    outcome: dict[str, Any] = {"median": medians, "ours_over_peer": ratios}
+    if "floor" in medians:
+        floor = medians["floor"]
+        outcome["floor_over_peer"] = {
+            "accepted_per_s": round(floor["accepted_per_s"] / max(1, peer["accepted_per_s"]), 2),
+            "p99": round(floor["p99_ms"] / max(0.1, peer["p99_ms"]), 2),
+        }
+    return outcome
 
 
 async def alternate(args: argparse.Namespace, targets: dict[str, Target], vhost: str, database: str) -> Any:
@@ -341,7 +418,8 @@ async def alternate(args: argparse.Namespace, targets: dict[str, Target], vhost:
         tag = f"{round_no:02d}{uuid.uuid4().hex[:6]}"
         every = round_bodies(args.warmup + args.requests, tag)
         bodies = (every[: args.warmup], every[args.warmup :])
-        order = ["ours", "peer"] if round_no % 2 else ["peer", "ours"]
+        order = [name for name in ("ours", "floor", "peer") if name in targets]
+        order = order if round_no % 2 else order[::-1]
         for name in order:
             target = targets[name]
             parent, child = context.Pipe()
@@ -375,6 +453,9 @@ async def main(args: argparse.Namespace) -> None:
     try:
         prepare(vhost, database)
         targets = {"ours": start_ours(vhost, args.secret, workdir), "peer": start_peer(database, args.secret)}
+        await intake.wait_ready(targets["ours"].url, 1, [targets["ours"].process])  # declares the topology
+        if args.floor:
+            targets["floor"] = start_floor(vhost, args.secret)
         for target in targets.values():
             await intake.wait_ready(target.url, 1, [target.process])
         results = await alternate(args, targets, vhost, database)
@@ -407,6 +488,8 @@ def report(
     outcome = summary(results)
     print(f"\nmedians over {args.rounds} rounds: {json.dumps(outcome['median'])}")
     print(f"ours / peer: {json.dumps(outcome['ours_over_peer'])}")
+    if "floor_over_peer" in outcome:
+        print(f"floor / peer: {json.dumps(outcome['floor_over_peer'])}")
     print(f"host_speed_ms at start {started['host_speed_ms']}, at end {reconcile.host_speed_ms()}")
     print(f"exit codes after SIGTERM: {codes}")
     out = RESULTS / f"peer-intake-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
@@ -421,5 +504,9 @@ def _interrupted(_signum: int, _frame: object) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupted)
-    asyncio.run(main(parse_args()))
+    arguments = parse_args()
+    if arguments.serve_floor:
+        serve_floor(arguments.serve_floor, os.environ["BENCH_SECRET"], os.environ["AMQP_URL"])
+    else:
+        signal.signal(signal.SIGTERM, _interrupted)
+        asyncio.run(main(arguments))

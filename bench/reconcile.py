@@ -500,7 +500,8 @@ async def end_to_end(
         for spy in spies:
             spy.wait(30)
     report = json.loads(out.read_text())
-    lags = await _ledger_lags(env.database_url, report["sent"])
+    timed = await _ledger_lags(env.database_url, report["sent"])
+    lags = sorted(lag for _, lag in timed)
     return {
         "mode": "recon receiver + recon worker" if split else "recon run",
         "posts": len(bodies),
@@ -511,6 +512,7 @@ async def end_to_end(
         "lag_p99_ms": round(_quantile(lags, 0.99) * 1000, 1),
         "lag_max_ms": round(max(lags) * 1000, 1),
         "events_per_transaction": round(per_transaction or 0, 1),
+        "lag_p99_ms_by_second": _by_second(timed),
         # The load generator's CPU is the sender process's own; "machine" includes it.
         "cpu_us_per_event": {
             who: round(seconds * 1e6 / len(bodies))
@@ -521,7 +523,8 @@ async def end_to_end(
     }
 
 
-async def _ledger_lags(database_url: str, sent: dict[str, float]) -> list[float]:
+async def _ledger_lags(database_url: str, sent: dict[str, float]) -> list[tuple[float, float]]:
+    """(sent at, POST → ledger lag) of every ledger row whose event the generator sent."""
     con = await asyncpg.connect(database_url)
     try:
         rows = await con.fetch(
@@ -529,7 +532,23 @@ async def _ledger_lags(database_url: str, sent: dict[str, float]) -> list[float]
         )
     finally:
         await con.close()
-    return sorted(row["t"] - sent[row["stripe_event_id"]] for row in rows if row["stripe_event_id"] in sent)
+    return [
+        (sent[row["stripe_event_id"]], row["t"] - sent[row["stripe_event_id"]])
+        for row in rows
+        if row["stripe_event_id"] in sent
+    ]
+
+
+def _by_second(timed: list[tuple[float, float]]) -> list[float]:
+    """The lag's p99 for each second of the run, by when the POST was sent: whether a tail is a
+    steady climb (past capacity) or one stall (a checkpoint, a window change) shows here."""
+    if not timed:
+        return []
+    start = min(at for at, _ in timed)
+    seconds: dict[int, list[float]] = {}
+    for at, lag in timed:
+        seconds.setdefault(int(at - start), []).append(lag)
+    return [round(_quantile(seconds.get(i, [0.0]), 0.99) * 1000, 1) for i in range(max(seconds) + 1)]
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -24,6 +24,7 @@ floor cannot reach, no trimming of `recon receiver` can.
     .venv/bin/python bench/peer_intake.py                 # 3 rounds, 10,000 measured + 2,000 warm-up
     .venv/bin/python bench/peer_intake.py --quick         # 2 rounds, 2,000 + 300: a smoke run
     .venv/bin/python bench/peer_intake.py --floor         # ours, the floor and the peer, alternated
+    .venv/bin/python bench/peer_intake.py --processes 2   # two of ours on one port (SO_REUSEPORT)
     # also: --rounds N --requests N --warmup N --concurrency N
 """
 
@@ -144,12 +145,18 @@ def generator_main(conn: Connection, url: str, secret: str, concurrency: int) ->
 @dataclass
 class Target:
     name: str
-    process: subprocess.Popen[bytes]
+    processes: list[subprocess.Popen[bytes]]  # one, but for ours with --processes N
     url: str
     backend: str  # the server process that does the target's durable work: "rabbitmq" or "postgres"
 
+    def cpu_snapshot(self) -> dict[str, float]:
+        """reconcile.cpu_snapshot, the target's processes summed as "server"."""
+        snapshot = reconcile.cpu_snapshot({f"server-{p.pid}": p.pid for p in self.processes})
+        servers = [key for key in snapshot if key.startswith("server-")]
+        return {**snapshot, "server": sum(snapshot.pop(key) for key in servers)}
 
-def start_ours(vhost: str, secret: str, workdir: Path) -> Target:
+
+def start_ours(vhost: str, secret: str, workdir: Path, processes: int) -> Target:
     port = intake.free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
@@ -160,8 +167,8 @@ def start_ours(vhost: str, secret: str, workdir: Path) -> Target:
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "info",
     }
-    (process,) = intake.start_receivers(1, env, workdir)
-    return Target("ours", process, f"http://127.0.0.1:{port}", "rabbitmq")
+    started = intake.start_receivers(processes, env, workdir)  # one port, SO_REUSEPORT
+    return Target("ours", started, f"http://127.0.0.1:{port}", "rabbitmq")
 
 
 def start_floor(vhost: str, secret: str) -> Target:
@@ -170,7 +177,7 @@ def start_floor(vhost: str, secret: str) -> Target:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(port)]
     log = (RESULTS / "floor-server.log").open("wb")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-    return Target("floor", process, f"http://127.0.0.1:{port}", "rabbitmq")
+    return Target("floor", [process], f"http://127.0.0.1:{port}", "rabbitmq")
 
 
 def serve_floor(port: int, secret: str, amqp_url: str) -> None:
@@ -248,7 +255,7 @@ def start_peer(database: str, secret: str) -> Target:
     }
     log = (RESULTS / "peer-server.log").open("wb")
     process = subprocess.Popen(["node", "server.js"], cwd=PEER_DIR, env=env, stdout=log, stderr=log)
-    return Target("peer", process, f"http://127.0.0.1:{port}", "postgres")
+    return Target("peer", [process], f"http://127.0.0.1:{port}", "postgres")
 
 
 async def stored_then_reset(target: Target, vhost: str, database: str) -> int:
@@ -300,12 +307,12 @@ def run_phase(
     conn.send(bodies)
     if _reply(conn) != "warm":
         raise SystemExit("the load generator failed during the warm-up")
-    before = reconcile.cpu_snapshot({"server": target.process.pid})
+    before = target.cpu_snapshot()
     started = time.perf_counter()
     conn.send("go")
     reply = _reply(conn)
     wall_s = time.perf_counter() - started
-    cpu = reconcile.cpu_delta(before, reconcile.cpu_snapshot({"server": target.process.pid}))
+    cpu = reconcile.cpu_delta(before, target.cpu_snapshot())
     return summarise(round_no, target, speed, reply, cpu, wall_s)
 
 
@@ -371,6 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64, help="keep-alive connections, closed loop")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2,000 + 300: a smoke run")
     parser.add_argument("--floor", action="store_true", help="also the floor: verify, parse, publish")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="our receivers on one port (the peer and the floor stay one)"
+    )
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -452,15 +462,16 @@ async def main(args: argparse.Namespace) -> None:
     )
     try:
         prepare(vhost, database)
-        targets = {"ours": start_ours(vhost, args.secret, workdir), "peer": start_peer(database, args.secret)}
-        await intake.wait_ready(targets["ours"].url, 1, [targets["ours"].process])  # declares the topology
+        ours = start_ours(vhost, args.secret, workdir, args.processes)
+        targets = {"ours": ours, "peer": start_peer(database, args.secret)}
+        await intake.wait_ready(ours.url, args.processes, ours.processes)  # declares the topology
         if args.floor:
             targets["floor"] = start_floor(vhost, args.secret)
         for target in targets.values():
-            await intake.wait_ready(target.url, 1, [target.process])
+            await intake.wait_ready(target.url, len(target.processes), target.processes)
         results = await alternate(args, targets, vhost, database)
     finally:
-        codes = {name: intake.stop([t.process])[0] for name, t in targets.items()}
+        codes = {name: intake.stop(t.processes) for name, t in targets.items()}
         cleanup(vhost, database, workdir)
     report(args, started, results, codes)
 

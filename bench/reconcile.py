@@ -477,6 +477,10 @@ async def end_to_end(
         async with Watcher(env) as watch:
             await _poll(lambda: watch.settled(len(stream.event_ids)), interval_s=0.1)
             cpu = cpu_delta(cpu_before, cpu_snapshot(ours))
+            # Where the lag is spent: POST → 200 (the receiver) and delivery → commit (the worker);
+            # the rest is the wait in the work queue and in the consumer's prefetch.
+            received = await _metrics(http_port)
+            worked = await _metrics(worker_port) if split else received
             window_s = time.perf_counter() - window_start
             postgres_after, own = postgres_ticks(), await watch.own_postgres_pids()
             # A backend that started during the run counts from zero.
@@ -513,6 +517,14 @@ async def end_to_end(
         "lag_max_ms": round(max(lags) * 1000, 1),
         "events_per_transaction": round(per_transaction or 0, 1),
         "lag_p99_ms_by_second": _by_second(timed),
+        "parts_ms": {
+            f"{part}_{label}": round((histogram_quantile(text, name, q) or 0.0) * 1000, 1)
+            for part, text, name in (
+                ("post_to_200", received, "recon_webhook_ack_seconds"),
+                ("delivery_to_commit", worked, "recon_reconcile_seconds"),
+            )
+            for label, q in (("p50", 0.5), ("p99", 0.99))
+        },
         # The load generator's CPU is the sender process's own; "machine" includes it.
         "cpu_us_per_event": {
             who: round(seconds * 1e6 / len(bodies))
@@ -677,6 +689,7 @@ async def rate_step(rate: float, seconds: float, workdir: Path, step: int) -> di
     print(
         f"step {step:2d}  {rate:7.1f}/s  host_speed_ms {speed:5.1f}  lag p50 {result['lag_p50_ms']:8.1f}"
         f"  p99 {result['lag_p99_ms']:8.1f} ms  {result['events_per_transaction']:5.1f} events/txn"
+        f"  parts (ms) {result['parts_ms']}"
         f"  cpu us/webhook: "
         + ", ".join(f"{who} {cpu[who]}" for who in (*MACHINE_PARTS, "machine"))
         + f"  sum {result['machine_us_per_webhook']}  (net of background {result['net_of_background_us']},"

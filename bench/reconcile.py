@@ -638,10 +638,15 @@ LAG_LIMIT_MS = 1000.0  # R: the highest offered rate whose p99 POST → ledger l
 # its backends for this database plus its WAL writer and checkpointer (the server is shared);
 # RabbitMQ's one beam.smp cannot be split, so other people's traffic on it is in its figure.
 MACHINE_PARTS = ("recon run", "rabbitmq", "postgres (own database)", "load generator")
+SPLIT_PARTS = ("receiver", "worker", *MACHINE_PARTS[1:])  # --e2e-split: our two processes
+
+
+def machine_parts(result: dict[str, Any]) -> tuple[str, ...]:
+    return SPLIT_PARTS if "worker" in result["cpu_us_per_event"] else MACHINE_PARTS
 
 
 def machine_us_per_webhook(result: dict[str, Any]) -> int:
-    return sum(result["cpu_us_per_event"][part] for part in MACHINE_PARTS)
+    return sum(result["cpu_us_per_event"][part] for part in machine_parts(result))
 
 
 def background_cores(seconds: float = 3.0) -> dict[str, float]:
@@ -665,12 +670,15 @@ def net_of_background(result: dict[str, Any], background: dict[str, float]) -> d
     return {
         "rabbitmq": rabbitmq,
         "machine (/proc/stat)": max(0, round(cpu["machine"] - idle_us["machine"])),
-        "sum": sum(parts[part] for part in MACHINE_PARTS),
+        "sum": sum(parts[part] for part in machine_parts(result)),
     }
 
 
-async def rate_step(rate: float, seconds: float, workdir: Path, step: int) -> dict[str, Any]:
-    """One open-loop run of ``recon run`` at ``rate`` for ``seconds``, in a fresh database."""
+async def rate_step(
+    rate: float, seconds: float, workdir: Path, step: int, split: bool = False
+) -> dict[str, Any]:
+    """One open-loop run of ``recon run`` (with ``split``: `recon receiver` and `recon worker`) at
+    ``rate`` for ``seconds``, in a fresh database."""
     env, stream = await _prepared(f"rate{step}", max(100, round(rate * seconds)))
     await asyncio.to_thread(_quiesce, 2.0)
     background = await asyncio.to_thread(background_cores)
@@ -678,7 +686,7 @@ async def rate_step(rate: float, seconds: float, workdir: Path, step: int) -> di
     step_dir = workdir / f"step-{step:02d}-{rate:g}"
     step_dir.mkdir()
     try:
-        result = await end_to_end(env, stream, rate, step_dir)
+        result = await end_to_end(env, stream, rate, step_dir, split=split)
     finally:
         await env.drop()
     result["host_speed_ms"] = speed
@@ -691,7 +699,7 @@ async def rate_step(rate: float, seconds: float, workdir: Path, step: int) -> di
         f"  p99 {result['lag_p99_ms']:8.1f} ms  {result['events_per_transaction']:5.1f} events/txn"
         f"  parts (ms) {result['parts_ms']}"
         f"  cpu us/webhook: "
-        + ", ".join(f"{who} {cpu[who]}" for who in (*MACHINE_PARTS, "machine"))
+        + ", ".join(f"{who} {cpu[who]}" for who in (*machine_parts(result), "machine"))
         + f"  sum {result['machine_us_per_webhook']}  (net of background {result['net_of_background_us']},"
         f" background cores {background})  statuses {result['statuses']}",
         flush=True,
@@ -707,11 +715,11 @@ async def search_rate(args: argparse.Namespace, workdir: Path) -> list[dict[str,
     """Up by ``--find-factor`` from ``--find-start`` until p99 ≥ 1 s (down, if the start already
     fails), then ``--find-bisect`` steps halving the gap between the highest pass and the lowest
     failure (fewer once they are within 3%): one step there left R up to 14% below the real one."""
-    steps = [await rate_step(args.find_start, args.step_s, workdir, 1)]
+    steps = [await rate_step(args.find_start, args.step_s, workdir, 1, args.e2e_split)]
     up = _passes(steps[0])
     while len(steps) < args.find_max_steps:
         rate = steps[-1]["rate_per_s"] * (args.find_factor if up else 1 / args.find_factor)
-        steps.append(await rate_step(round(rate), args.step_s, workdir, len(steps) + 1))
+        steps.append(await rate_step(round(rate), args.step_s, workdir, len(steps) + 1, args.e2e_split))
         if _passes(steps[-1]) != up:
             break
     for _ in range(args.find_bisect):
@@ -720,7 +728,7 @@ async def search_rate(args: argparse.Namespace, workdir: Path) -> list[dict[str,
         if not (passed and failed) or min(failed) <= max(passed) * 1.03:
             break
         between = round((max(passed) * min(failed)) ** 0.5)
-        steps.append(await rate_step(between, args.step_s, workdir, len(steps) + 1))
+        steps.append(await rate_step(between, args.step_s, workdir, len(steps) + 1, args.e2e_split))
     return steps
 
 
@@ -740,7 +748,7 @@ async def find_rate(args: argparse.Namespace) -> dict[str, Any]:
     else:
         at_r = max(passing, key=lambda s: s["rate_per_s"])
         rate = at_r["rate_per_s"]
-        half = await rate_step(round(rate / 2), args.step_s, workdir, len(steps) + 1)
+        half = await rate_step(round(rate / 2), args.step_s, workdir, len(steps) + 1, args.e2e_split)
         cores = os.cpu_count() or 1
         capacity = cores * 1e6 / at_r["machine_us_per_webhook"]
         net_capacity = cores * 1e6 / max(1, at_r["net_of_background_us"]["sum"])
@@ -777,7 +785,7 @@ def _print_find_rate(results: dict[str, Any]) -> None:
     print(
         f"R = {results['R']:g}/s (highest rate with p99 POST → ledger < 1 s)\n"
         f"machine CPU per webhook at R = {results['machine_us_per_webhook_at_R']} us "
-        f"({' + '.join(MACHINE_PARTS)})\n"
+        f"({' + '.join(machine_parts(results['half_R']))})\n"
         f"capacity = {os.cpu_count()} cores / that = {results['capacity_per_s']}/s\n"
         f"R / capacity = {results['R_over_capacity']}   (target >= 0.85)\n"
         f"lag p99 at 0.5 R ({results['half_R']['rate_per_s']:g}/s) = {results['lag_p99_ms_at_half_R']} ms"
@@ -847,7 +855,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-pgbench", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument(
-        "--e2e-split", action="store_true", help="end to end through `recon receiver` + `recon worker`"
+        "--e2e-split",
+        action="store_true",
+        help="end to end (and --find-rate) through `recon receiver` + `recon worker`",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy our processes (drain and end to end)")
     parser.add_argument(

@@ -24,7 +24,7 @@ floor cannot reach, no trimming of `recon receiver` can.
     .venv/bin/python bench/peer_intake.py                 # 3 rounds, 10,000 measured + 2,000 warm-up
     .venv/bin/python bench/peer_intake.py --quick         # 2 rounds, 2,000 + 300: a smoke run
     .venv/bin/python bench/peer_intake.py --floor         # ours, the floor and the peer, alternated
-    .venv/bin/python bench/peer_intake.py --processes 2   # two of ours on one port (SO_REUSEPORT)
+    .venv/bin/python bench/peer_intake.py --processes 2   # two of ours (and of the floor) on one port
     # also: --rounds N --requests N --warmup N --concurrency N
 """
 
@@ -171,13 +171,15 @@ def start_ours(vhost: str, secret: str, workdir: Path, processes: int) -> Target
     return Target("ours", started, f"http://127.0.0.1:{port}", "rabbitmq")
 
 
-def start_floor(vhost: str, secret: str) -> Target:
+def start_floor(vhost: str, secret: str, processes: int) -> Target:
     port = intake.free_port()
     env = os.environ | {"BENCH_SECRET": secret, "AMQP_URL": intake.AMQP_BASE + quote(vhost, safe="")}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(port)]
-    log = (RESULTS / "floor-server.log").open("wb")
-    process = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
-    return Target("floor", [process], f"http://127.0.0.1:{port}", "rabbitmq")
+    started = []
+    for i in range(processes):
+        log = (RESULTS / f"floor-server-{i}.log").open("wb")
+        started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+    return Target("floor", started, f"http://127.0.0.1:{port}", "rabbitmq")
 
 
 def serve_floor(port: int, secret: str, amqp_url: str) -> None:
@@ -229,7 +231,7 @@ def serve_floor(port: int, secret: str, amqp_url: str) -> None:
     app.router.add_get("/readyz", ready)
     app.cleanup_ctx.append(broker)
     uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, reuse_port=True)
 
 
 def migrate_peer(database: str) -> None:
@@ -379,7 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="2 rounds of 2,000 + 300: a smoke run")
     parser.add_argument("--floor", action="store_true", help="also the floor: verify, parse, publish")
     parser.add_argument(
-        "--processes", type=int, default=1, help="our receivers on one port (the peer and the floor stay one)"
+        "--processes",
+        type=int,
+        default=1,
+        help="our receivers (and floor servers) on one port; the peer stays one process",
     )
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -466,7 +471,7 @@ async def main(args: argparse.Namespace) -> None:
         targets = {"ours": ours, "peer": start_peer(database, args.secret)}
         await intake.wait_ready(ours.url, args.processes, ours.processes)  # declares the topology
         if args.floor:
-            targets["floor"] = start_floor(vhost, args.secret)
+            targets["floor"] = start_floor(vhost, args.secret, args.processes)
         for target in targets.values():
             await intake.wait_ready(target.url, len(target.processes), target.processes)
         results = await alternate(args, targets, vhost, database)

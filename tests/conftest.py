@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 
@@ -29,7 +30,12 @@ def pg_template() -> Iterator[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def _delete_vhosts() -> Iterator[None]:
-    """Deletes the RabbitMQ vhosts the tests made, when the session ends."""
+    """Removes what killed test processes left behind (once per run: the first xdist process),
+    and deletes the RabbitMQ vhosts this process made when the session ends."""
+    import asyncio
+
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+        asyncio.run(servers.remove_leftovers())
     yield
     _vhosts.delete_all()
 

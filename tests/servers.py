@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import uuid
 from urllib.parse import quote
@@ -16,7 +19,12 @@ from worker.ops import migrate
 
 PG_ADMIN_URL = os.environ.get("RECON_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("RECON_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672/")
-RUN_TAG = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+# Every database and vhost a test process makes is named after it: its pid and this host (a CI
+# container sharing the servers has pids of its own), so a later run can tell a leftover of a
+# process that died (a timeout, a kill) from the live work of a run beside it.
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+RUN_TAG = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:6]}"
+_OWNED = re.compile(r"^recon[-_](?:test|t|tpl|m)[-_](\d+)[-_]([0-9a-f]{6})[-_]")
 
 
 def database_url(name: str) -> str:
@@ -33,7 +41,7 @@ async def create_template() -> str:
 
 
 async def clone_database(template: str) -> str:
-    name = f"recon_t_{uuid.uuid4().hex[:12]}"
+    name = f"recon_t_{RUN_TAG.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
     con = await asyncpg.connect(PG_ADMIN_URL)
     try:
         await con.execute(f'create database "{name}" template "{template}"')
@@ -48,6 +56,40 @@ async def drop_database(name: str) -> None:
         await con.execute(f'drop database if exists "{name}" with (force)')
     finally:
         await con.close()
+
+
+def left_by_a_dead_process(name: str) -> bool:
+    """A test database or vhost whose maker, on this host, no longer runs."""
+    owner = _OWNED.match(name)
+    if owner is None or owner.group(2) != HOST_TAG:
+        return False
+    try:
+        os.kill(int(owner.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
+async def remove_leftovers() -> list[str]:
+    """Drops the databases and deletes the vhosts that killed test processes left behind (each
+    live vhost holds about 11 of RabbitMQ's few file descriptors). Returns what it removed."""
+    con = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        rows = await con.fetch("select datname from pg_database where datname like 'recon\\_%'")
+        databases = [row["datname"] for row in rows if left_by_a_dead_process(row["datname"])]
+        for name in databases:
+            await con.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        await con.close()
+    listed = await asyncio.to_thread(rabbitmqctl, "list_vhosts", "name")
+    vhosts = [name for name in listed.split() if left_by_a_dead_process(name)]
+    if vhosts:
+        # catch: a process beside us may be removing the same ones.
+        expr = f'[catch rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(vhosts)}], ok.'
+        await asyncio.to_thread(_rabbitmqctl_eval, expr)
+    return databases + vhosts
 
 
 def _erl_binaries(names: list[str]) -> str:
@@ -114,8 +156,8 @@ def _rabbitmqctl_eval_once(expr: str, timeout_s: float = 120) -> None:
     rabbitmqctl("eval", expr, timeout_s=timeout_s)
 
 
-def rabbitmqctl(*args: str, timeout_s: float = 120) -> None:
-    """One CLI call, in its own process group: on a timeout the whole group is killed.
+def rabbitmqctl(*args: str, timeout_s: float = 120) -> str:
+    """One CLI call, in its own process group: on a timeout the whole group is killed. Its output.
 
     rabbitmqctl is a shell wrapper around an Erlang VM; subprocess's timeout kills only the
     wrapper, and an orphaned VM keeps one of the CLI's few distribution ports until every later
@@ -128,13 +170,14 @@ def rabbitmqctl(*args: str, timeout_s: float = 120) -> None:
         start_new_session=True,
     )
     try:
-        _out, err = process.communicate(timeout=timeout_s)
+        out, err = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise
     if process.returncode != 0:
         raise subprocess.CalledProcessError(process.returncode, f"rabbitmqctl {args[0]}", stderr=err)
+    return out.decode()
 
 
 # A lone CLI call sometimes fails when many hit the node at once (parallel test runs).

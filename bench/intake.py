@@ -188,12 +188,24 @@ def generator_main(conn: Connection, url: str, secret: str, generator_id: int) -
 # ---------------------------------------------------------------- baseline server (own process)
 
 
-def serve_baseline(port: int, secret: str) -> None:
-    """The least a correct receiver must do: verify_header + JSON parse, answer 200. No broker."""
+def serve_baseline(port: int, secret: str, amqp_url: str | None = None) -> None:
+    """The least a correct receiver must do: verify_header + JSON parse, answer 200. No broker.
+
+    With ``amqp_url`` it is the floor of bench/peer_intake.py: the least our obligations cost. It
+    also publishes the exact bytes, with the receiver's properties (event_message), persistent and
+    mandatory, on a bare aiormq confirm channel, and answers 200 once confirmed; still no log line,
+    no metrics, no reconnects."""
+    import aiormq
     import orjson
     import stripe
     import uvloop
     from aiohttp import web
+
+    sys.path.insert(0, str(ROOT))
+    from worker.amqp import topology
+    from worker.amqp.publisher import event_message
+
+    channel: aiormq.abc.AbstractChannel | None = None
 
     async def webhook(request: web.Request) -> web.Response:
         body = await request.read()
@@ -201,17 +213,41 @@ def serve_baseline(port: int, secret: str) -> None:
             stripe.WebhookSignature.verify_header(
                 body, request.headers.get("Stripe-Signature"), secret, tolerance=300
             )
-            orjson.loads(body)
+            event = orjson.loads(body)
         except (stripe.SignatureVerificationError, ValueError):
             return web.json_response({"error": "rejected"}, status=400)
+        if channel is not None:
+            message = event_message(body, event["id"], event["type"], event["created"])
+            confirmation = await channel.basic_publish(
+                body,
+                exchange=topology.EVENTS_EXCHANGE,
+                routing_key=event["type"],
+                properties=message.properties,
+                mandatory=True,
+                timeout=5.0,
+            )
+            if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+                return web.json_response({"error": "not_confirmed"}, status=503)
         return web.Response(body=b'{"received":true}', content_type="application/json")
 
     async def ready(_request: web.Request) -> web.Response:
-        return web.json_response({"ready": True})
+        waiting = amqp_url is not None and channel is None
+        return web.json_response({"ready": not waiting}, status=503 if waiting else 200)
+
+    async def broker(_app: web.Application) -> Any:
+        nonlocal channel
+        if amqp_url is None:
+            yield
+            return
+        connection = await aiormq.connect(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        yield
+        await connection.close()
 
     app = web.Application()
     app.router.add_post("/webhooks/stripe", webhook)
     app.router.add_get("/readyz", ready)
+    app.cleanup_ctx.append(broker)
     uvloop.install()
     web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, reuse_port=True)
 
@@ -270,9 +306,13 @@ def start_receivers(processes: int, env: dict[str, str], workdir: Path) -> list[
     return procs
 
 
-def start_baselines(processes: int, port: int, secret: str) -> list[subprocess.Popen[bytes]]:
+def start_baselines(
+    processes: int, port: int, secret: str, amqp_url: str | None = None
+) -> list[subprocess.Popen[bytes]]:
+    """``processes`` baseline servers on one port; with ``amqp_url``, the floor (serve_baseline)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(port)]
-    env = os.environ | {"BENCH_SECRET": secret}
+    # Its own variable: an AMQP_URL in the developer's shell must not turn the baseline into the floor.
+    env = os.environ | {"BENCH_SECRET": secret} | ({"BENCH_AMQP_URL": amqp_url} if amqp_url else {})
     return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(processes)]
 
 
@@ -696,6 +736,6 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.serve_baseline:
-        serve_baseline(arguments.serve_baseline, os.environ["BENCH_SECRET"])
+        serve_baseline(arguments.serve_baseline, os.environ["BENCH_SECRET"], os.environ.get("BENCH_AMQP_URL"))
     else:
         asyncio.run(main(arguments))

@@ -15,11 +15,11 @@ request signed before the clock starts. The order alternates round by round (our
 peer first, ...) so a drift in the shared machine's speed does not favour one side. Between phases
 our work queue is purged and the peer's tables are truncated.
 
-`--floor` adds a third target to each round: the least our obligations can cost in this stack. One
-process: aiohttp on uvloop, `verify_header`, one orjson parse, and the same persistent, mandatory,
-confirmed publish of the same properties and bytes (worker.amqp.publisher.event_message) on a bare
-aiormq channel, into the same queue; no log line, no metrics, no readiness, no reconnects. What the
-floor cannot reach, no trimming of `recon receiver` can.
+`--floor` adds a third target to each round: the least our obligations can cost in this stack,
+bench/intake.py's baseline server publishing as well: aiohttp on uvloop, `verify_header`, one orjson
+parse, and the same persistent, mandatory, confirmed publish of the same properties and bytes
+(worker.amqp.publisher.event_message) on a bare aiormq channel, into the same queue; no log line, no
+metrics, no reconnects. What the floor cannot reach, no trimming of `recon receiver` can.
 
     .venv/bin/python bench/peer_intake.py                 # 3 rounds, 10,000 measured + 2,000 warm-up
     .venv/bin/python bench/peer_intake.py --quick         # 2 rounds, 2,000 + 300: a smoke run
@@ -173,65 +173,9 @@ def start_ours(vhost: str, secret: str, workdir: Path, processes: int) -> Target
 
 def start_floor(vhost: str, secret: str, processes: int) -> Target:
     port = intake.free_port()
-    env = os.environ | {"BENCH_SECRET": secret, "AMQP_URL": intake.AMQP_BASE + quote(vhost, safe="")}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(port)]
-    started = []
-    for i in range(processes):
-        log = (RESULTS / f"floor-server-{i}.log").open("wb")
-        started.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
+    amqp_url = intake.AMQP_BASE + quote(vhost, safe="")
+    started = intake.start_baselines(processes, port, secret, amqp_url)
     return Target("floor", started, f"http://127.0.0.1:{port}", "rabbitmq")
-
-
-def serve_floor(port: int, secret: str, amqp_url: str) -> None:
-    """verify_header, parse, confirmed mandatory publish of the exact bytes; nothing else."""
-    import aiormq
-    import orjson
-    import stripe
-    from aiohttp import web
-
-    from worker.amqp.publisher import event_message
-
-    channel: aiormq.abc.AbstractChannel | None = None
-
-    async def webhook(request: web.Request) -> web.Response:
-        body = await request.read()
-        try:
-            stripe.WebhookSignature.verify_header(
-                body.decode(), request.headers.get("Stripe-Signature", ""), secret, tolerance=300
-            )
-            event = orjson.loads(body)
-        except (stripe.SignatureVerificationError, ValueError):
-            return web.json_response({"error": "rejected"}, status=400)
-        message = event_message(body, event["id"], event["type"], event["created"])
-        assert channel is not None
-        confirmation = await channel.basic_publish(
-            body,
-            exchange=topology.EVENTS_EXCHANGE,
-            routing_key=event["type"],
-            properties=message.properties,
-            mandatory=True,
-            timeout=5.0,
-        )
-        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
-            return web.json_response({"error": "not_confirmed"}, status=503)
-        return web.Response(body=b'{"received":true}', content_type="application/json")
-
-    async def ready(_request: web.Request) -> web.Response:
-        return web.json_response({"ready": channel is not None}, status=200 if channel else 503)
-
-    async def broker(_app: web.Application) -> Any:
-        nonlocal channel
-        connection = await aiormq.connect(amqp_url)
-        channel = await connection.channel(publisher_confirms=True)
-        yield
-        await connection.close()
-
-    app = web.Application()
-    app.router.add_post("/webhooks/stripe", webhook)
-    app.router.add_get("/readyz", ready)
-    app.cleanup_ctx.append(broker)
-    uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, reuse_port=True)
 
 
 def migrate_peer(database: str) -> None:
@@ -386,7 +330,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="our receivers (and floor servers) on one port; the peer stays one process",
     )
-    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.warmup = 2_000, 300
@@ -403,10 +346,9 @@ def summary(results: list[PhaseResult]) -> dict[str, Any]:
         }
         for name in sorted({r.target for r in results})
     }
-    ours, peer = medians["ours"], medians["peer"]
+    peer = medians["peer"]
     ratios = {
-        "accepted_per_s": round(ours["accepted_per_s"] / max(1, peer["accepted_per_s"]), 2),
-        "p99": round(ours["p99_ms"] / max(0.1, peer["p99_ms"]), 2),
+        **_over(medians["ours"], peer),
         "per_round_accepted": [
             round(o.accepted_per_s / max(1, p.accepted_per_s), 2)
             for o, p in zip(
@@ -418,12 +360,16 @@ def summary(results: list[PhaseResult]) -> dict[str, Any]:
     }
     outcome: dict[str, Any] = {"median": medians, "ours_over_peer": ratios}
     if "floor" in medians:
-        floor = medians["floor"]
-        outcome["floor_over_peer"] = {
-            "accepted_per_s": round(floor["accepted_per_s"] / max(1, peer["accepted_per_s"]), 2),
-            "p99": round(floor["p99_ms"] / max(0.1, peer["p99_ms"]), 2),
-        }
+        outcome["floor_over_peer"] = _over(medians["floor"], peer)
     return outcome
+
+
+def _over(target: dict[str, float], peer: dict[str, float]) -> dict[str, float]:
+    """A target's median accepted rate and p99 as multiples of the peer's."""
+    return {
+        "accepted_per_s": round(target["accepted_per_s"] / max(1, peer["accepted_per_s"]), 2),
+        "p99": round(target["p99_ms"] / max(0.1, peer["p99_ms"]), 2),
+    }
 
 
 async def alternate(args: argparse.Namespace, targets: dict[str, Target], vhost: str, database: str) -> Any:
@@ -520,9 +466,5 @@ def _interrupted(_signum: int, _frame: object) -> None:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    if arguments.serve_floor:
-        serve_floor(arguments.serve_floor, os.environ["BENCH_SECRET"], os.environ["AMQP_URL"])
-    else:
-        signal.signal(signal.SIGTERM, _interrupted)
-        asyncio.run(main(arguments))
+    signal.signal(signal.SIGTERM, _interrupted)
+    asyncio.run(main(parse_args()))

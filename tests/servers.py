@@ -25,6 +25,8 @@ AMQP_BASE = os.environ.get("RECON_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1
 HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
 RUN_TAG = f"{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:6]}"
 _OWNED = re.compile(r"^recon[-_](?:test|t|tpl|m)[-_](\d+)[-_]([0-9a-f]{6})[-_]")
+# What every vhost deletion here runs, as the user tag the tests' vhosts are made with.
+_DELETE_VHOST = 'rabbit_vhost:delete(V, <<"recon-tests">>)'
 
 
 def database_url(name: str) -> str:
@@ -78,18 +80,22 @@ async def remove_leftovers() -> list[str]:
     con = await asyncpg.connect(PG_ADMIN_URL)
     try:
         rows = await con.fetch("select datname from pg_database where datname like 'recon\\_%'")
-        databases = [row["datname"] for row in rows if left_by_a_dead_process(row["datname"])]
-        for name in databases:
-            await con.execute(f'drop database if exists "{name}" with (force)')
     finally:
         await con.close()
-    listed = await asyncio.to_thread(rabbitmqctl, "list_vhosts", "name")
-    vhosts = [name for name in listed.split() if left_by_a_dead_process(name)]
+    databases = [row["datname"] for row in rows if left_by_a_dead_process(row["datname"])]
+    for name in databases:
+        await drop_database(name)
+    vhosts = [name for name in await vhost_names() if left_by_a_dead_process(name)]
     if vhosts:
         # catch: a process beside us may be removing the same ones.
-        expr = f'[catch rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(vhosts)}], ok.'
+        expr = f"[catch {_DELETE_VHOST} || V <- {_erl_binaries(vhosts)}], ok."
         await asyncio.to_thread(_rabbitmqctl_eval, expr)
     return databases + vhosts
+
+
+async def vhost_names() -> list[str]:
+    """Every vhost on the shared node."""
+    return (await asyncio.to_thread(rabbitmqctl, "list_vhosts", "name")).split()
 
 
 def _erl_binaries(names: list[str]) -> str:
@@ -121,7 +127,7 @@ class VhostPool:
         self._counter += self.BATCH
         finished, self._finished = self._finished, []
         expr = (
-            f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {_erl_binaries(finished)}], '
+            f"[{_DELETE_VHOST} || V <- {_erl_binaries(finished)}], "
             f'[begin rabbit_vhost:add(V, <<"recon-tests">>), '
             f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, V, <<".*">>, <<".*">>, '
             f'<<".*">>, <<"recon-tests">>) end || V <- {_erl_binaries(names)}], ok.'
@@ -144,7 +150,7 @@ class VhostPool:
     def delete_all(self) -> None:
         if self._live:
             names = _erl_binaries(sorted(self._live))
-            expr = f'[rabbit_vhost:delete(V, <<"recon-tests">>) || V <- {names}], ok.'
+            expr = f"[{_DELETE_VHOST} || V <- {names}], ok."
             try:
                 _rabbitmqctl_eval_once(expr, timeout_s=300)
             except subprocess.SubprocessError:

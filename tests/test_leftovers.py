@@ -29,10 +29,6 @@ async def _databases() -> set[str]:
         await con.close()
 
 
-async def _vhosts() -> set[str]:
-    return set((await asyncio.to_thread(servers.rabbitmqctl, "list_vhosts", "name")).split())
-
-
 @pytest_asyncio.fixture
 async def planted() -> AsyncIterator[dict[str, str]]:
     """A database and a vhost named as a dead process on this host would name them, the same for
@@ -58,7 +54,7 @@ async def planted() -> AsyncIterator[dict[str, str]]:
     for key in ("dead_db", "live_db", "other_db"):
         await servers.drop_database(names[key])
     for key in ("dead_vhost", "live_vhost"):
-        if names[key] in await _vhosts():
+        if names[key] in await servers.vhost_names():
             await asyncio.to_thread(servers.rabbitmqctl, "delete_vhost", names[key])
 
 
@@ -66,7 +62,7 @@ async def test_only_what_a_dead_process_on_this_host_left_is_removed(planted: di
     """The dead process's database and vhost go; the live process's and the other host's stay."""
     removed = await servers.remove_leftovers()
     assert {planted["dead_db"], planted["dead_vhost"]} <= set(removed)
-    databases, vhosts = await _databases(), await _vhosts()
+    databases, vhosts = await _databases(), set(await servers.vhost_names())
     assert planted["dead_db"] not in databases and planted["dead_vhost"] not in vhosts
     assert {planted["live_db"], planted["other_db"]} <= databases
     assert planted["live_vhost"] in vhosts

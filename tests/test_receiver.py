@@ -18,10 +18,12 @@ from yarl import URL
 
 from tests.conftest import free_port
 from tests.harness import post_event, running, wait_until
+from tests.servers import rabbitmqctl
 from tests.stripe_events import TEST_SECRET, encode, fixture, make_event, sign
 from tests.tcp_proxy import TcpProxy
 from tests.work_queue import drain_work_queue, work_queue_capped
 from worker.amqp import topology
+from worker.intake.broker_link import PUBLISH_CHANNELS
 from worker.settings import Settings
 
 MAX_BODY_BYTES = 32 * 1024
@@ -471,3 +473,19 @@ async def _refused(http: aiohttp.ClientSession, base_url: str, refused: list[dic
 
 async def _accepted(http: aiohttp.ClientSession, base_url: str, event: dict[str, Any]) -> bool:
     return (await post_event(http, base_url, event))[0] == 200
+
+
+async def test_concurrent_webhooks_publish_over_several_confirm_channels(
+    receiver: str, http: aiohttp.ClientSession, amqp_url: str
+) -> None:
+    """Requests in flight together are spread over the receiver's confirm channels (one channel
+    passes aiormq one publish per event-loop turn); each is still confirmed, and lands once."""
+    events = [refund_event() for _ in range(3 * PUBLISH_CHANNELS)]
+    answers = await asyncio.gather(*(post_event(http, receiver, event) for event in events))
+    assert [status for status, _ in answers] == [200] * len(events)
+    queued = [m.message_id for m in await drain_work_queue(amqp_url)]
+    assert sorted(queued) == sorted(event["id"] for event in events)
+    vhost = URL(amqp_url).path.lstrip("/")
+    listed = await asyncio.to_thread(rabbitmqctl, "list_channels", "vhost", "confirm")
+    confirm_channels = [row for row in listed.splitlines() if row.split("\t") == [vhost, "true"]]
+    assert len(confirm_channels) == PUBLISH_CHANNELS

@@ -1,8 +1,8 @@
-"""The receiver's one AMQP connection and confirm channel, kept up for the app's lifetime.
+"""The receiver's one AMQP connection and its confirm channels, kept up for the app's lifetime.
 
 The receiver starts even when the broker is down: it answers 503 (Stripe retries for days)
 and /readyz says why, while a background task keeps connecting. Once connected, aio-pika's
-robust connection reconnects by itself and restores the confirm channel.
+robust connection reconnects by itself and restores the confirm channels.
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ CLOSE_TIMEOUT_S = 5.0
 # An attempt in progress ends by itself: handshake, then declarations, then a close if it failed.
 CONNECTOR_STOP_S = CONNECT_TIMEOUT_S * 2 + CLOSE_TIMEOUT_S
 
+# aiormq serialises a channel's publishes under a lock that it holds until the writer task has
+# taken the frame, and hands to the next publisher a loop turn later: one channel carries at most
+# about one publish per turn. In `recon run` a turn under load takes milliseconds (the lanes share
+# the loop), so with one channel webhooks queued for the lock: POST → 200 p99 ~230 ms at 700/s
+# against ~25 ms with eight (docs/performance.md, "The seventh session"). Publishes go round-robin
+# over the channels, each with its own confirms; mandatory and the exact bytes are unchanged.
+PUBLISH_CHANNELS = 8
+
 _TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
 
 
@@ -45,8 +53,9 @@ class BrokerLink:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractChannel | None = None
-        self._publisher: Publisher | None = None
+        self._channels: list[AbstractChannel] = []
+        self._publishers: list[Publisher] = []
+        self._turn = 0
         self._connector: asyncio.Task[None] | None = None
         self._problem = "broker not connected yet"
         self._in_flight = 0
@@ -105,7 +114,7 @@ class BrokerLink:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await declare_topology(connection, self._settings)
-                channel = await open_confirm_channel(connection)
+                channels = [await open_confirm_channel(connection) for _ in range(PUBLISH_CHANNELS)]
         except BaseException:
             await self._close_connection(connection)
             raise
@@ -115,8 +124,8 @@ class BrokerLink:
         # A broker that came back without our definitions (a new node) would make every
         # publish unroutable: declare again after each reconnect (idempotent).
         connection.reconnect_callbacks.add(self._redeclare)
-        self._connection, self._channel = connection, channel
-        self._publisher = Publisher(channel)
+        self._connection, self._channels = connection, channels
+        self._publishers = [Publisher(channel) for channel in channels]
 
     @staticmethod
     async def _close_connection(
@@ -140,44 +149,45 @@ class BrokerLink:
 
     def not_ready_reason(self) -> str | None:
         """None while publishes can be confirmed, else why not (for /readyz and the logs)."""
-        if self._connection is None or self._channel is None:
+        if self._connection is None or not self._channels:
             return self._problem
-        if not self._connection.connected.is_set() or self._channel.is_closed:
+        if not self._connection.connected.is_set() or any(channel.is_closed for channel in self._channels):
             return "broker connection lost, reconnecting"
         return None
 
     async def publish(self, message: Outgoing) -> None:
         """Returns once the broker confirmed; raises BrokerUnavailable or PublishFailed."""
         reason = self.not_ready_reason()
-        if reason is not None or self._publisher is None:
-            raise BrokerUnavailable(reason or self._problem)
+        if reason is not None:
+            raise BrokerUnavailable(reason)
+        slot = self._turn = (self._turn + 1) % len(self._channels)
+        channel, publisher = self._channels[slot], self._publishers[slot]
         self._in_flight += 1
         self._idle.clear()
-        channel = self._channel
         try:
-            await self._publisher.publish_event(message)
+            await publisher.publish_event(message)
         except PublishFailed as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.DeliveryError):
-                await self._renew_channel(channel)
+                await self._renew_channel(slot, channel)
             raise
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _renew_channel(self, nacked: AbstractChannel | None) -> None:
+    async def _renew_channel(self, slot: int, nacked: AbstractChannel) -> None:
         """A new confirm channel after a broker nack. RabbitMQ 3.10 can leave a channel that was
         restored while a quorum queue had no leader (its node just died) nacking every later
         publish to that queue, while a new channel on the same connection publishes fine."""
         async with self._renewing:
-            if self._connection is None or nacked is None or self._channel is not nacked:
+            if self._connection is None or self._channels[slot] is not nacked:
                 return  # another request renewed it already
             try:
                 channel = await open_confirm_channel(self._connection)
             except (*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
                 log.warning("broker_channel_renew_failed", error=type(exc).__name__)
                 return
-            self._channel, self._publisher = channel, Publisher(channel)
+            self._channels[slot], self._publishers[slot] = channel, Publisher(channel)
             log.warning("broker_channel_renewed")
         with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError):
             await nacked.close()

@@ -193,8 +193,9 @@ def serve_baseline(port: int, secret: str, amqp_url: str | None = None) -> None:
 
     With ``amqp_url`` it is the floor of bench/peer_intake.py: the least our obligations cost. It
     also publishes the exact bytes, with the receiver's properties (event_message), persistent and
-    mandatory, on a bare aiormq confirm channel, and answers 200 once confirmed; still no log line,
-    no metrics, no reconnects."""
+    mandatory, round-robin over the receiver's number of bare aiormq confirm channels (one channel
+    passes one publish per loop turn), and answers 200 once confirmed; still no log line, no
+    metrics, no reconnects."""
     import aiormq
     import orjson
     import stripe
@@ -204,8 +205,10 @@ def serve_baseline(port: int, secret: str, amqp_url: str | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     from worker.amqp import topology
     from worker.amqp.publisher import event_message
+    from worker.intake.broker_link import PUBLISH_CHANNELS
 
-    channel: aiormq.abc.AbstractChannel | None = None
+    channels: list[aiormq.abc.AbstractChannel] = []
+    turn = 0
 
     async def webhook(request: web.Request) -> web.Response:
         body = await request.read()
@@ -216,9 +219,11 @@ def serve_baseline(port: int, secret: str, amqp_url: str | None = None) -> None:
             event = orjson.loads(body)
         except (stripe.SignatureVerificationError, ValueError):
             return web.json_response({"error": "rejected"}, status=400)
-        if channel is not None:
+        if channels:
+            nonlocal turn
+            turn = (turn + 1) % len(channels)
             message = event_message(body, event["id"], event["type"], event["created"])
-            confirmation = await channel.basic_publish(
+            confirmation = await channels[turn].basic_publish(
                 body,
                 exchange=topology.EVENTS_EXCHANGE,
                 routing_key=event["type"],
@@ -231,16 +236,15 @@ def serve_baseline(port: int, secret: str, amqp_url: str | None = None) -> None:
         return web.Response(body=b'{"received":true}', content_type="application/json")
 
     async def ready(_request: web.Request) -> web.Response:
-        waiting = amqp_url is not None and channel is None
+        waiting = amqp_url is not None and not channels
         return web.json_response({"ready": not waiting}, status=503 if waiting else 200)
 
     async def broker(_app: web.Application) -> Any:
-        nonlocal channel
         if amqp_url is None:
             yield
             return
         connection = await aiormq.connect(amqp_url)
-        channel = await connection.channel(publisher_confirms=True)
+        channels.extend([await connection.channel(publisher_confirms=True) for _ in range(PUBLISH_CHANNELS)])
         yield
         await connection.close()
 

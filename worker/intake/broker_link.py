@@ -36,10 +36,11 @@ CONNECTOR_STOP_S = CONNECT_TIMEOUT_S * 2 + CLOSE_TIMEOUT_S
 
 # aiormq serialises a channel's publishes under a lock that it holds until the writer task has
 # taken the frame, and hands to the next publisher a loop turn later: one channel carries at most
-# about one publish per turn. In `recon run` a turn under load takes milliseconds (the lanes share
-# the loop), so with one channel webhooks queued for the lock: POST → 200 p99 ~230 ms at 700/s
-# against ~25 ms with eight (docs/performance.md, "The seventh session"). Publishes go round-robin
-# over the channels, each with its own confirms; mandatory and the exact bytes are unchanged.
+# about one publish per turn, and concurrent webhooks queue for it. Measured with one channel
+# against eight: POST → 200 p99 ~230 ms against ~25 ms in `recon run` at 700/s (the lanes share the
+# loop, so turns are long), and 79–98 ms against 47–56 ms in intake alone at 64 in flight
+# (docs/performance.md, "The seventh session"). Publishes go round-robin over the channels, each
+# with its own confirms; mandatory and the exact bytes are unchanged.
 PUBLISH_CHANNELS = 8
 
 _TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)

@@ -19,7 +19,8 @@ our work queue is purged and the peer's tables are truncated.
 bench/intake.py's baseline server publishing as well: aiohttp on uvloop, `verify_header`, one orjson
 parse, and the same persistent, mandatory, confirmed publish of the same properties and bytes
 (worker.amqp.publisher.event_message), round-robin over as many bare aiormq channels as the
-receiver uses, into the same queue; no log line, no metrics, no reconnects. What the floor cannot reach, no trimming of `recon receiver` can.
+receiver uses, into the same queue; no log line, no metrics, no reconnects. What the floor cannot
+reach, no trimming of `recon receiver` can.
 
     .venv/bin/python bench/peer_intake.py                 # 3 rounds, 10,000 measured + 2,000 warm-up
     .venv/bin/python bench/peer_intake.py --quick         # 2 rounds, 2,000 + 300: a smoke run

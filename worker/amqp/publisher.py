@@ -90,6 +90,11 @@ class Publisher:
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
 
+    @property
+    def channel(self) -> AbstractChannel:
+        """The confirm channel it publishes on."""
+        return self._channel
+
     async def publish_event(self, message: Outgoing) -> None:
         """Route by event type into the work queue; returns only once the broker confirmed."""
         await self._confirm(topology.EVENTS_EXCHANGE, message, routing_key=message.type or "")

@@ -14,7 +14,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
 from worker.amqp.connection import CONNECT_TIMEOUT_S, connect, declare_topology, open_confirm_channel
 from worker.amqp.publisher import PUBLISH_TIMEOUT_S, Outgoing, Publisher, PublishFailed
@@ -54,8 +54,7 @@ class BrokerLink:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._connection: AbstractRobustConnection | None = None
-        self._channels: list[AbstractChannel] = []
-        self._publishers: list[Publisher] = []
+        self._publishers: list[Publisher] = []  # one per confirm channel
         self._turn = 0
         self._connector: asyncio.Task[None] | None = None
         self._problem = "broker not connected yet"
@@ -125,7 +124,7 @@ class BrokerLink:
         # A broker that came back without our definitions (a new node) would make every
         # publish unroutable: declare again after each reconnect (idempotent).
         connection.reconnect_callbacks.add(self._redeclare)
-        self._connection, self._channels = connection, channels
+        self._connection = connection
         self._publishers = [Publisher(channel) for channel in channels]
 
     @staticmethod
@@ -150,9 +149,9 @@ class BrokerLink:
 
     def not_ready_reason(self) -> str | None:
         """None while publishes can be confirmed, else why not (for /readyz and the logs)."""
-        if self._connection is None or not self._channels:
+        if self._connection is None or not self._publishers:
             return self._problem
-        if not self._connection.connected.is_set() or any(channel.is_closed for channel in self._channels):
+        if not self._connection.connected.is_set() or any(p.channel.is_closed for p in self._publishers):
             return "broker connection lost, reconnecting"
         return None
 
@@ -161,37 +160,37 @@ class BrokerLink:
         reason = self.not_ready_reason()
         if reason is not None:
             raise BrokerUnavailable(reason)
-        slot = self._turn = (self._turn + 1) % len(self._channels)
-        channel, publisher = self._channels[slot], self._publishers[slot]
+        slot = self._turn = (self._turn + 1) % len(self._publishers)
+        publisher = self._publishers[slot]
         self._in_flight += 1
         self._idle.clear()
         try:
             await publisher.publish_event(message)
         except PublishFailed as exc:
             if isinstance(exc.__cause__, aiormq.exceptions.DeliveryError):
-                await self._renew_channel(slot, channel)
+                await self._renew_channel(slot, publisher)
             raise
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _renew_channel(self, slot: int, nacked: AbstractChannel) -> None:
+    async def _renew_channel(self, slot: int, nacked: Publisher) -> None:
         """A new confirm channel after a broker nack. RabbitMQ 3.10 can leave a channel that was
         restored while a quorum queue had no leader (its node just died) nacking every later
         publish to that queue, while a new channel on the same connection publishes fine."""
         async with self._renewing:
-            if self._connection is None or self._channels[slot] is not nacked:
+            if self._connection is None or self._publishers[slot] is not nacked:
                 return  # another request renewed it already
             try:
                 channel = await open_confirm_channel(self._connection)
             except (*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
                 log.warning("broker_channel_renew_failed", error=type(exc).__name__)
                 return
-            self._channels[slot], self._publishers[slot] = channel, Publisher(channel)
+            self._publishers[slot] = Publisher(channel)
             log.warning("broker_channel_renewed")
         with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError):
-            await nacked.close()
+            await nacked.channel.close()
 
     async def close(self, deadline: Deadline) -> None:
         """Stop connecting, let in-flight publishes be confirmed, then close the connection: each

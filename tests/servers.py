@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import asyncpg
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from yarl import URL
 
 from worker.ops import migrate
 
@@ -197,3 +198,8 @@ _rabbitmqctl_eval = retry(
 
 def amqp_url(vhost: str) -> str:
     return AMQP_BASE + quote(vhost, safe="")
+
+
+def vhost_of(url: str) -> str:
+    """The vhost an AMQP URL names (amqp_url's inverse)."""
+    return URL(url).path.lstrip("/")  # yarl decodes the path

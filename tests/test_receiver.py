@@ -18,7 +18,7 @@ from yarl import URL
 
 from tests.conftest import free_port
 from tests.harness import post_event, running, wait_until
-from tests.servers import rabbitmqctl
+from tests.servers import rabbitmqctl, vhost_of
 from tests.stripe_events import TEST_SECRET, encode, fixture, make_event, sign
 from tests.tcp_proxy import TcpProxy
 from tests.work_queue import drain_work_queue, work_queue_capped
@@ -485,7 +485,7 @@ async def test_concurrent_webhooks_publish_over_several_confirm_channels(
     assert [status for status, _ in answers] == [200] * len(events)
     queued = [m.message_id for m in await drain_work_queue(amqp_url)]
     assert sorted(queued) == sorted(event["id"] for event in events)
-    vhost = URL(amqp_url).path.lstrip("/")
+    vhost = vhost_of(amqp_url)
     listed = await asyncio.to_thread(rabbitmqctl, "list_channels", "vhost", "confirm")
     confirm_channels = [row for row in listed.splitlines() if row.split("\t") == [vhost, "true"]]
     assert len(confirm_channels) == PUBLISH_CHANNELS

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import unquote
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
-from yarl import URL
 
 from tests import servers
 from tests.harness import wait_until
@@ -40,7 +38,7 @@ async def drain_work_queue(amqp_url: str) -> list[AbstractIncomingMessage]:
 async def work_queue_capped(amqp_url: str) -> AsyncIterator[None]:
     """The vhost's work queue capped at one message by a policy of that vhost: its reject-publish
     overflow makes the broker nack every publish beyond that. The policy is cleared at the end."""
-    vhost = unquote(URL(amqp_url).path.lstrip("/"))
+    vhost = servers.vhost_of(amqp_url)
     await asyncio.to_thread(
         servers.rabbitmqctl,
         "set_policy",

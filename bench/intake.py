@@ -287,6 +287,11 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(command, check=True, capture_output=True, timeout=BROKER_CALL_TIMEOUT_S * 2)
 
 
+def vhost_url(vhost: str) -> str:
+    """The AMQP URL of one of the bench's vhosts on the broker under test."""
+    return AMQP_BASE + quote(vhost, safe="")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -639,7 +644,7 @@ async def bench_receiver(
     args: argparse.Namespace, vhost: str, secret: str, workdir: Path
 ) -> tuple[list[PhaseResult], list[int | None]]:
     port = free_port()
-    amqp_url = AMQP_BASE + quote(vhost, safe="")
+    amqp_url = vhost_url(vhost)
     env = {
         "PATH": os.environ.get("PATH", ""),
         "AMQP_URL": amqp_url,
@@ -722,7 +727,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"{os.cpu_count()} cpus, broker pid {broker_pid()}, ", end="")
         print(f"{args.requests} measured + {args.warmup} warm-up requests per phase")
         receiver, codes = await bench_receiver(args, vhost, secret, workdir)
-        amqp_url = AMQP_BASE + quote(vhost, safe="")
+        amqp_url = vhost_url(vhost)
         async with asyncio.timeout(BROKER_CALL_TIMEOUT_S * 5):
             probe = await publish_only(amqp_url, args.requests, max(args.concurrency))
         print(format_row(probe), flush=True)

@@ -50,7 +50,6 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aio_pika
 import asyncpg
@@ -161,7 +160,7 @@ def start_ours(vhost: str, secret: str, workdir: Path, processes: int) -> Target
     port = intake.free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
-        "AMQP_URL": intake.AMQP_BASE + quote(vhost, safe=""),
+        "AMQP_URL": intake.vhost_url(vhost),
         "STRIPE_WEBHOOK_SECRETS": secret,
         "RECON_HTTP_HOST": "127.0.0.1",
         "RECON_HTTP_PORT": str(port),
@@ -174,7 +173,7 @@ def start_ours(vhost: str, secret: str, workdir: Path, processes: int) -> Target
 
 def start_floor(vhost: str, secret: str, processes: int) -> Target:
     port = intake.free_port()
-    amqp_url = intake.AMQP_BASE + quote(vhost, safe="")
+    amqp_url = intake.vhost_url(vhost)
     started = intake.start_baselines(processes, port, secret, amqp_url)
     return Target("floor", started, f"http://127.0.0.1:{port}", "rabbitmq")
 
@@ -209,7 +208,7 @@ async def stored_then_reset(target: Target, vhost: str, database: str) -> int:
     """What the phase left stored (messages in our queue, rows in the peer's tables: one per
     accepted request, warm-up included), then empty it so each phase starts alike."""
     if target.backend == "rabbitmq":
-        amqp_url = intake.AMQP_BASE + quote(vhost, safe="")
+        amqp_url = intake.vhost_url(vhost)
         connection = await aio_pika.connect(amqp_url, timeout=intake.BROKER_CALL_TIMEOUT_S)
         async with connection:
             channel = await connection.channel()

@@ -43,6 +43,8 @@ CONNECTOR_STOP_S = CONNECT_TIMEOUT_S * 2 + CLOSE_TIMEOUT_S
 # with its own confirms; mandatory and the exact bytes are unchanged.
 PUBLISH_CHANNELS = 8
 
+_CONNECTION_LOST = "broker connection lost, reconnecting"
+
 _TRANSIENT = (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError, asyncio.TimeoutError)
 
 
@@ -152,16 +154,19 @@ class BrokerLink:
         if self._connection is None or not self._publishers:
             return self._problem
         if not self._connection.connected.is_set() or any(p.channel.is_closed for p in self._publishers):
-            return "broker connection lost, reconnecting"
+            return _CONNECTION_LOST
         return None
 
     async def publish(self, message: Outgoing) -> None:
         """Returns once the broker confirmed; raises BrokerUnavailable or PublishFailed."""
-        reason = self.not_ready_reason()
-        if reason is not None:
-            raise BrokerUnavailable(reason)
+        if self._connection is None or not self._publishers:
+            raise BrokerUnavailable(self._problem)
         slot = self._turn = (self._turn + 1) % len(self._publishers)
         publisher = self._publishers[slot]
+        # Only the channel this publish takes: asking all eight, as readiness does, was 2.5% of
+        # the receiver's py-spy samples under load (docs/performance.md, "The eighth session").
+        if not self._connection.connected.is_set() or publisher.channel.is_closed:
+            raise BrokerUnavailable(_CONNECTION_LOST)
         self._in_flight += 1
         self._idle.clear()
         try:

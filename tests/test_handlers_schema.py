@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
+from typing import get_args
 
 import asyncpg
 import pytest
 
+from handlers.finance_exceptions import ExceptionKind
 from tests import builders as b
 from tests import host_records as h
+from worker.workbench.exceptions import KINDS, RETRYABLE
 
 FINANCE_COLUMNS = {
     "ledger": [
@@ -196,6 +200,19 @@ async def test_host_status_values_are_checked(con: asyncpg.Connection) -> None:
         )
     with pytest.raises(asyncpg.CheckViolationError):
         await h.add_payment(con, invoice_id=invoice_id, charge_id="ch_a", method="paypal")
+
+
+async def test_exception_kinds_agree_in_schema_rules_and_commands(con: asyncpg.Connection) -> None:
+    """The kinds are written three times, because the import contracts keep the rules (handlers) and
+    the operator's actions (workbench) apart: the schema's check, the rules' type and the list that
+    `recon exceptions list --kind` and the console accept must name the same kinds."""
+    definition = await con.fetchval(
+        "select pg_get_constraintdef(oid) from pg_constraint where conname = 'exceptions_kind_check'"
+    )
+    in_schema = set(re.findall(r"'([a-z_]+)'::text", definition))
+    assert in_schema == set(get_args(ExceptionKind)) == set(KINDS)
+    assert len(KINDS) == len(in_schema)
+    assert set(RETRYABLE) <= in_schema
 
 
 async def test_host_can_insert_with_only_its_own_columns(con: asyncpg.Connection) -> None:

@@ -61,6 +61,7 @@ from tests import builders as b  # noqa: E402
 from tests import event_stream  # noqa: E402
 from tests import host_records as h  # noqa: E402
 from tests.stripe_events import encode, sign  # noqa: E402
+from tests.tcp_proxy import TcpProxy  # noqa: E402
 from worker.amqp import topology  # noqa: E402
 from worker.ops import migrate  # noqa: E402
 
@@ -261,59 +262,23 @@ class Cluster:
 # ---------------------------------------------------------------------------------- the proxy
 
 
-class FailoverProxy:
+class FailoverProxy(TcpProxy):
     """Each new client connection goes to the first node of ``ports`` that accepts it.
 
     A lost node drops its clients' connections; their robust connections reconnect here and land
     on the next node that is up. In production a TCP load balancer in front of the nodes does this.
+    The tests' proxy does the pumping; only the choice of upstream differs.
     """
 
     def __init__(self, ports: list[int]) -> None:
+        super().__init__("127.0.0.1", ports[0])
         self._ports = ports
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         for port in self._ports:
             with contextlib.suppress(OSError, TimeoutError):
                 return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
-        return None
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream = await self._upstream()
-        if upstream is None:
-            writer.close()
-            return
-        up_reader, up_writer = upstream
-        pumps = [
-            asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
-        ]
-        self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for task in pumps:
-            task.cancel()
-        for w in (writer, up_writer):
-            w.close()
-        self._tasks.difference_update(pumps)
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
+        raise OSError("no node accepts connections")
 
 
 # --------------------------------------------------------------------------- the application

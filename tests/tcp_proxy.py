@@ -18,9 +18,13 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", port or self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    async def _open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The server's end of a new client connection; OSError when there is none to be had."""
+        return await asyncio.open_connection(*self._target)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            up_reader, up_writer = await self._open_upstream()
         except OSError:
             writer.close()
             return

@@ -22,9 +22,11 @@ separate process) and reports the lag from each POST to its ledger row (booked_a
 up from --find-start by --find-factor until p99 POST → ledger lag ≥ 1 s, up to 3 steps in
 between, then 0.5 R. It prints R, the machine's CPU µs per webhook at R (recon run + RabbitMQ +
 this database's PostgreSQL + the load generator), capacity = cores ÷ that, R ÷ capacity and the
-p99 lag at 0.5 R.
+p99 lag at 0.5 R. With --find-repeats N each rate runs N times and passes when most runs did;
+the figures at R and at 0.5 R are then medians.
 
     .venv/bin/python bench/reconcile.py --find-rate
+    .venv/bin/python bench/reconcile.py --find-rate --find-start 1400 --find-repeats 3   # by majority
     .venv/bin/python bench/reconcile.py --find-rate --step-s 5 --find-max-steps 3   # smoke run
 """
 

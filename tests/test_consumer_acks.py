@@ -19,11 +19,21 @@ class FakeChannel:
 
 @dataclass
 class FakeMessage:
-    """Just what AckWindow uses of a worker.amqp.delivery.Delivery."""
+    """Just what Acks and AckWindow use of a worker.amqp.delivery.Delivery."""
 
     delivery_tag: int
-    channel: FakeChannel
+    on: FakeChannel
     message_id: str = "evt_fake"
+
+    @property
+    def channel(self) -> FakeChannel:
+        if self.on.is_closed:  # as Delivery.channel: a closed channel's acks are void
+            raise RuntimeError("the delivery's channel is closed")
+        return self.on
+
+    @property
+    def on_open_channel(self) -> bool:
+        return not self.on.is_closed
 
     async def ack(self, *, multiple: bool = False) -> bool:
         self.channel.frames.append(("ack", self.delivery_tag, multiple))
@@ -162,3 +172,17 @@ async def test_a_requeue_at_the_head_releases_the_run_held_behind_it() -> None:
     assert channel.frames == []
     await acks.nack(m[0])
     assert channel.frames == [("nack", 1, True), ("ack", 3, True)]
+
+
+async def test_deliveries_whose_channel_closed_mid_batch_are_skipped_not_raised() -> None:
+    """The connection drops while a batch runs: settling it acks what is still on an open channel
+    and skips the rest (the broker redelivers them) instead of raising out of the lane."""
+    old, new = FakeChannel(), FakeChannel()
+    acks = Acks(max_held=100)
+    stranded = deliver(acks, old, 2)
+    fresh = FakeMessage(1, new)
+    acks.delivered(fresh)  # type: ignore[arg-type]
+    old.is_closed = True
+    assert await acks.ack(*stranded, fresh) is False  # type: ignore[arg-type]
+    assert await acks.nack(stranded[0]) is False  # type: ignore[arg-type]
+    assert (old.frames, new.frames) == ([], [("ack", 1, True)])

@@ -121,15 +121,26 @@ class Acks:
         return sum(w.outstanding for w in self._windows.values() if not w.channel.is_closed)
 
     async def ack(self, *messages: Delivery) -> bool:
-        """Ack ``messages`` (with as few frames as the windows allow); True if all were acked."""
+        """Ack ``messages`` (with as few frames as the windows allow); True if all were acked.
+
+        A message whose channel closed while its batch ran (the connection dropped, its broker
+        node died) is skipped: its ack would be void, the broker redelivers it on its own, and
+        the inbox makes that delivery a duplicate. Before, it crashed the whole batch's settling
+        with an error-level traceback on every broker failover."""
         by_window: dict[int, tuple[AckWindow, list[Delivery]]] = {}
+        acked = True
         for message in messages:
+            if not message.on_open_channel:
+                acked = False
+                continue
             window = self.window(message)
             by_window.setdefault(id(window), (window, []))[1].append(message)
-        acked = True
         for window, batch in by_window.values():
             acked = await window.ack(*batch) and acked
         return acked
 
     async def nack(self, message: Delivery) -> bool:
+        """Requeue ``message``; one whose channel closed is back in the queue already."""
+        if not message.on_open_channel:
+            return False
         return await self.window(message).nack(message)

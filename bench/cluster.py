@@ -592,12 +592,13 @@ async def run(
         accepted = posts.accepted
         try:
             settled_at = await _settle(_db_url(run_db), accepted)
-        except SystemExit:
+        except SystemExit as timed_out:
             # Where the missing events are, before the cluster goes: the queues as a live node sees them.
             stuck = await asyncio.to_thread(cluster.queue_leaders)
             (workdir / "queues-at-timeout.json").write_text(json.dumps(stuck, indent=2) + "\n")
             print(json.dumps({"queues_at_timeout": stuck}, indent=2), file=sys.stderr)
-            raise
+            unsettled = await _unsettled(_db_url(run_db), accepted)
+            raise SystemExit(f"{timed_out}: {_verdict(unsettled, stuck)}") from None
         queues_after = await asyncio.to_thread(cluster.queue_leaders)
     finally:
         codes = app.stop()
@@ -628,23 +629,51 @@ async def _any_done(
     return killed.is_set() or sender.done() or any(t.done() for t in killing)
 
 
+# Accepted events with a final outcome (not waiting for a retry).
+_SETTLED_SQL = (
+    "select count(*) from recon.event_inbox where outcome <> 'retrying' and event_id = any($1::text[])"
+)
+
+
 async def _settle(database_url: str, accepted: set[str]) -> float:
     """Wait until every accepted event has a final inbox outcome; returns when (epoch seconds)."""
     con = await asyncpg.connect(database_url)
     try:
 
         async def settled() -> bool:
-            done = await con.fetchval(
-                "select count(*) from recon.event_inbox"
-                " where outcome <> 'retrying' and event_id = any($1::text[])",
-                list(accepted),
-            )
-            return bool(done == len(accepted))
+            return bool(await con.fetchval(_SETTLED_SQL, list(accepted)) == len(accepted))
 
         await _poll(settled, 0.5, SETTLE_TIMEOUT_S, "every accepted event to settle")
         return time.time()
     finally:
         await con.close()
+
+
+async def _unsettled(database_url: str, accepted: set[str]) -> int:
+    """Accepted events without a final inbox outcome (still retrying, or never seen)."""
+    con = await asyncpg.connect(database_url)
+    try:
+        done = await con.fetchval(_SETTLED_SQL, list(accepted))
+    finally:
+        await con.close()
+    return len(accepted) - int(done)
+
+
+def _verdict(unsettled: int, queues: dict[str, dict[str, Any]]) -> str:
+    """One line on where the unsettled events are. A wait queue whose ``messages`` exceed its
+    ``messages_ready`` (nothing consumes it) holds expired events that were dead-lettered but never
+    confirmed by recon.events: RabbitMQ 3.10.8's dead-letter helper did not survive the leader
+    change (docs/cluster.md). They are kept, not lost, but only an operator brings them back."""
+    parked = {
+        name: q["messages"] - q["messages_ready"]
+        for name, q in queues.items()
+        if name.startswith(topology.RETRY_QUEUE_PREFIX) and q["messages"] > q["messages_ready"]
+    }
+    where = ", ".join(f"{n} in {name}" for name, n in sorted(parked.items())) or "none"
+    line = f"{unsettled} accepted events unsettled; parked in the wait queues: {where}"
+    if parked and sum(parked.values()) >= unsettled:
+        line += " (all of them: kept by the broker, not lost; see docs/cluster.md, RabbitMQ 3.10.8)"
+    return line
 
 
 @dataclass(frozen=True)

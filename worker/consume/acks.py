@@ -124,9 +124,9 @@ class Acks:
         """Ack ``messages`` (with as few frames as the windows allow); True if all were acked.
 
         A message whose channel closed while its batch ran (the connection dropped, its broker
-        node died) is skipped: its ack would be void, the broker redelivers it on its own, and
-        the inbox makes that delivery a duplicate. Before, it crashed the whole batch's settling
-        with an error-level traceback on every broker failover."""
+        node died) is skipped, not raised on: its ack would be void, the broker redelivers it on
+        its own, and the inbox makes that delivery a duplicate. Raising would end the settling of
+        the rest of the batch and log the lane as crashed."""
         by_window: dict[int, tuple[AckWindow, list[Delivery]]] = {}
         acked = True
         for message in messages:

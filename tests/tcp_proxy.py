@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 
 class TcpProxy:
@@ -11,7 +12,8 @@ class TcpProxy:
         self._target = (target_host, target_port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the pumps
+        self._handlers: set[asyncio.Task[Any]] = set()  # one per client connection
         self.port = 0
 
     async def start(self, port: int = 0) -> None:
@@ -23,6 +25,15 @@ class TcpProxy:
         return await asyncio.open_connection(*self._target)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None  # asyncio.start_server runs each connection's handler as a task
+        self._handlers.add(handler)
+        try:
+            await self._proxy(reader, writer)
+        finally:
+            self._handlers.discard(handler)
+
+    async def _proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await self._open_upstream()
         except OSError:
@@ -64,6 +75,9 @@ class TcpProxy:
         await self.start(self.port)
 
     async def close(self) -> None:
+        """Cut, then wait until every connection's handler has ended: a handler left running would
+        be cancelled by the event loop's shutdown, which logs each one with a traceback."""
         await self.cut()
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)

@@ -292,21 +292,25 @@ async def _take_all(connection: aio_pika.abc.AbstractConnection, queue_name: str
         await channel.close()
 
 
-async def test_unconfirmed_retry_publish_never_acks_the_original(
+async def test_a_deferral_kept_nowhere_never_acks_the_original(
     settings: Settings, amqp_url: str, fake: FakeRules
 ) -> None:
-    """If the copy for the wait queue is not confirmed (here: the wait queue was deleted), the
-    original is requeued, not acked: redelivered until RabbitMQ's delivery limit dead-letters it,
-    and recorded — never dropped."""
+    """If the deferred copy can be kept neither in PostgreSQL (here: its table is gone) nor in the
+    wait queue (deleted), the original is requeued, not acked: redelivered until RabbitMQ's delivery
+    limit dead-letters it, and recorded — never dropped."""
     from handlers import Result
 
     async def always_waiting(_con: Any, _delivery: Any) -> Any:
         return Result("retrying", retry_reason="unmatched_charge")
 
     fake.behaviour["evt_nowhere"] = always_waiting
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await con.execute("alter table recon.deferred_events rename to deferred_events_away")
+    finally:
+        await con.close()
     async with feeder(amqp_url, settings) as feed:
         channel = await feed.connection.channel()
-        await channel.queue_delete(topology.retry_queue_name(settings.retry_delays_s[0]))
         async with consumer_running(settings, fake.rules()):
             await channel.queue_delete(topology.retry_queue_name(settings.retry_delays_s[0]))
             await feed.event(event("evt_nowhere"))

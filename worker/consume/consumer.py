@@ -30,6 +30,7 @@ from worker.amqp.subscription import Subscription, subscribe
 from worker.consume.acks import Acks
 from worker.consume.database import open_pool
 from worker.consume.dead_letter_drain import DeadLetterDrain, DrainTimings
+from worker.consume.deferrals import DeferredMover, MoverTimings
 from worker.consume.inbound import Inbound, inbound, lane_key
 from worker.consume.lanes import Lanes, Linger
 from worker.consume.refund_fetch import FetchTimings, RefundFetcher, StripeRefunds
@@ -60,6 +61,7 @@ class ConsumerTimings:
     db_retry_for_s: float = 20.0  # a batch rides out database trouble this long, then defers
     fetch: FetchTimings = FetchTimings()
     drain: DrainTimings = DrainTimings()
+    deferrals: MoverTimings = MoverTimings()
     # How often the queues' depth is read: the gauge, and the prefetch window's cue (PrefetchWindow).
     depth_every_s: float = 1.0
     check_timeout_s: float = 2.0
@@ -141,6 +143,7 @@ class Consumer:
     acks: Acks
     window: PrefetchWindow | None = None
     monitor: asyncio.Task[None] | None = None
+    mover: DeferredMover | None = None
 
     async def on_event(self, message: Delivery) -> None:
         try:
@@ -154,6 +157,8 @@ class Consumer:
         self.dead_lanes.route("", message)
 
     async def stop_consuming(self, deadline: Deadline) -> None:
+        if self.mover is not None:  # what it has not published stays in the table for the next worker
+            await self.mover.stop(deadline)
         if self.monitor is not None:  # it may change the prefetch window, i.e. consume again
             self.monitor.cancel()
             # Bounded: cancelled inside an aiormq call, the task may not end promptly, and a stop
@@ -236,8 +241,9 @@ def refund_fetcher(settings: Settings, timings: FetchTimings) -> StripeRefunds |
 async def start_consumer(
     settings: Settings, rules: Rules, fetcher: RefundFetcher | None, timings: ConsumerTimings
 ) -> Consumer:
-    # One connection per lane, one for the dead-letter drain, one for /readyz.
-    pool = await open_pool(settings, max_size=lane_count(settings) + 2)
+    # One connection per lane, one for the dead-letter drain, one for /readyz, one for the
+    # deferred events' mover.
+    pool = await open_pool(settings, max_size=lane_count(settings) + 3)
     try:
         connection = await connect(settings.amqp_url)
     except BaseException:
@@ -281,6 +287,8 @@ async def _wire(
     )
     consumer.lanes.start()
     consumer.dead_lanes.start()
+    consumer.mover = DeferredMover(pool, publisher, timings.deferrals)
+    consumer.mover.start()
     prefetch = prefetch_for(settings)
     work = await subscribe(connection, topology.WORK_QUEUE, prefetch, consumer.on_event)
     consumer.consuming.append(work)

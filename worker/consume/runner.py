@@ -281,7 +281,7 @@ class BatchRunner:
         copies = []
         for entry, fate in fates:
             if fate.action != "ack":
-                copies.append(settle(entry.item, fate, self._publisher, self._acks))
+                copies.append(settle(entry.item, fate, self._publisher, self._acks, self._pool))
             record(entry.item, fate, committed_at if entry.committed else None)
         if copies:
             await asyncio.gather(*copies)

@@ -1,9 +1,9 @@
 """Carrying out a fate (worker/consume/fate.py) after the commit, and reporting it.
 
-Order matters and is the whole point: the database commit comes first (the runner), then the copy
-for a wait queue or the dead-letter exchange is published and confirmed, and only then is the
-original acked. A crash anywhere in between redelivers the original, which the inbox turns into a
-duplicate.
+Order matters and is the whole point: the database commit comes first (the runner), then the
+deferred copy is committed (worker/consume/deferrals.py; in a database outage, published to a wait
+queue instead) or the dead letter is published and confirmed, and only then is the original
+acked. A crash anywhere in between redelivers the original, which the inbox turns into a duplicate.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import asyncpg
 import structlog
 
 from worker import metrics
 from worker.amqp import topology
 from worker.amqp.publisher import Outgoing, Publisher, PublishFailed, persistent_message
+from worker.consume import deferrals
 from worker.consume.acks import Acks
 from worker.consume.fate import Fate
 from worker.consume.inbound import Inbound
@@ -27,22 +29,37 @@ class FateWithoutDelay(ValueError):
     """A retry fate must say how long to wait: decide() always sets it."""
 
 
-def _copy(item: Inbound, extra: dict[str, Any]) -> Outgoing:
-    original = item.message
-    headers = original.headers  # a copy of its own
+def _headers(item: Inbound, extra: dict[str, Any]) -> dict[str, Any]:
+    headers = item.message.headers  # a copy of its own
     headers[topology.HEADER_FIRST_SEEN_MS] = item.first_seen_ms
     headers.update(extra)
-    return persistent_message(original.body, original.message_id, original.type, headers)
+    return headers
 
 
-async def _publish_copy(item: Inbound, fate: Fate, publisher: Publisher) -> None:
+def _copy(item: Inbound, extra: dict[str, Any]) -> Outgoing:
+    original = item.message
+    return persistent_message(original.body, original.message_id, original.type, _headers(item, extra))
+
+
+async def _keep_copy(item: Inbound, fate: Fate, publisher: Publisher, pool: asyncpg.Pool) -> None:
     if fate.action == "retry":
         if fate.delay_s is None:
             raise FateWithoutDelay(f"retry of {item.event_id} without a delay")
-        copy = _copy(
-            item, {topology.HEADER_ATTEMPT: item.attempt + 1, topology.HEADER_FAILURES: fate.failures}
-        )
-        await publisher.publish_to_queue(copy, topology.retry_queue_name(fate.delay_s))
+        counts = {topology.HEADER_ATTEMPT: item.attempt + 1, topology.HEADER_FAILURES: fate.failures}
+        try:
+            await deferrals.defer(
+                pool,
+                delay_s=fate.delay_s,
+                event_id=item.event_id,
+                message_type=item.message.type,
+                body=item.message.body,
+                headers=_headers(item, counts),
+            )
+        except deferrals.TRANSIENT as exc:
+            # PostgreSQL cannot keep it (an outage: such batches defer as database_unavailable),
+            # so the broker's wait queue does, whose TTL returns it to the work queue.
+            log.info("deferred_to_wait_queue", event_id=item.event_id, error=type(exc).__name__)
+            await publisher.publish_to_queue(_copy(item, counts), topology.retry_queue_name(fate.delay_s))
     elif fate.action == "dead_letter":
         extra = {
             topology.HEADER_ATTEMPT: item.attempt,
@@ -52,14 +69,14 @@ async def _publish_copy(item: Inbound, fate: Fate, publisher: Publisher) -> None
         await publisher.publish_dead_letter(_copy(item, extra))
 
 
-async def settle(item: Inbound, fate: Fate, publisher: Publisher, acks: Acks) -> bool:
-    """Publish the copy a retry or a dead letter needs, then ack the original. True if acked.
+async def settle(item: Inbound, fate: Fate, publisher: Publisher, acks: Acks, pool: asyncpg.Pool) -> bool:
+    """Keep the copy a retry or a dead letter needs, then ack the original. True if acked.
 
-    A publish that is not confirmed leaves the original unacked and puts it back in the queue
-    (nack, requeue): it is tried again, and the inbox keeps the effect single.
+    A copy that is not kept (neither committed nor confirmed) leaves the original unacked and puts
+    it back in the queue (nack, requeue): it is tried again, and the inbox keeps the effect single.
     """
     try:
-        await _publish_copy(item, fate, publisher)
+        await _keep_copy(item, fate, publisher, pool)
     except PublishFailed as exc:
         log.warning("requeued_publish_failed", event_id=item.event_id, action=fate.action, error=str(exc))
         return await acks.nack(item.message)

@@ -508,10 +508,16 @@ class Kill:
     at_webhook: int = 0
     leaders_before: dict[str, str] = field(default_factory=dict)
     waiting_before: dict[str, int] = field(default_factory=dict)
+    deferred_before: int = 0  # rows of recon.deferred_events: where deferrals wait now
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def _kill_leader(cluster: Cluster, kill: Kill, posts: Posts) -> None:
+async def _kill_leader(cluster: Cluster, kill: Kill, posts: Posts, database_url: str) -> None:
+    con = await asyncpg.connect(database_url)
+    try:
+        kill.deferred_before = int(await con.fetchval("select count(*) from recon.deferred_events"))
+    finally:
+        await con.close()
     queues = await asyncio.to_thread(cluster.queue_leaders)
     kill.leaders_before = {name: q["leader"] for name, q in queues.items()}
     kill.waiting_before = {
@@ -570,7 +576,7 @@ async def run(
 
         def on_progress(n: int) -> None:
             if n == kill_after and not killing:
-                killing.append(asyncio.create_task(_kill_leader(cluster, kill, posts)))
+                killing.append(asyncio.create_task(_kill_leader(cluster, kill, posts, _db_url(run_db))))
 
         url = f"http://127.0.0.1:{app.receiver_port}/webhooks/stripe"
         sender = asyncio.create_task(post_stream(url, app.secret, events, args.rate, posts, on_progress))
@@ -733,6 +739,7 @@ async def _summary(s: SummaryInputs) -> dict[str, Any]:
         "killed_at_webhook": s.kill.at_webhook,
         "queues_led_by_killed_node": sorted(q for q, n in s.kill.leaders_before.items() if n == s.kill.node),
         "waiting_in_wait_queues_at_kill": s.kill.waiting_before,
+        "deferred_in_postgres_at_kill": s.kill.deferred_before,
         "recovery": {
             "leader_elected_s": s.leader_elected_s,
             # From the kill to the first 200 for a POST sent after it (None: intake never came back).

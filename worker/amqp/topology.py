@@ -2,7 +2,9 @@
 
 Path of a message:
   stripe.events (topic, key = event type) ──▶ recon.events (quorum work queue)
-  worker defers  ──▶ recon.wait.<delay> (quorum, TTL) ──dead-letters back──▶ recon.events
+  worker defers  ──▶ recon.deferred_events (PostgreSQL) ──the worker publishes it when due──▶ recon.events
+  worker defers while PostgreSQL is down ──▶ recon.wait.<delay> (quorum, TTL) ──dead-letters back──▶
+  recon.events
   worker gives up ──▶ recon.dead (fanout) ──▶ recon.dead-letters
   a dead letter the database refuses to record ──▶ recon.dead-letters.parked (for an operator)
   a message redelivered x-delivery-limit times (a crash loop) is dead-lettered by RabbitMQ

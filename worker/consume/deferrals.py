@@ -1,7 +1,7 @@
 """Deferred events wait in PostgreSQL until due; a loop of the worker's publishes them back.
 
-A retry fate (worker/consume/fate.py) keeps the event's exact bytes, its type and its own
-``x-recon-*`` headers in ``recon.deferred_events`` with the time it is due, and only then is the
+A retry fate (worker/consume/fate.py) keeps the event's exact bytes, its type and our headers
+(``own_headers``) in ``recon.deferred_events`` with the time it is due, and only then is the
 original acked. ``DeferredMover`` claims due rows under a lease, publishes each to the work queue
 with a confirm (outside any transaction), and deletes the rows the broker confirmed. A worker that
 dies between the confirm and the delete leaves its rows to be claimed again when the lease ends:

@@ -53,6 +53,7 @@ returning d.id, d.event_id, d.message_type, d.body, d.headers
 """
 
 _DELETE_SQL = "delete from recon.deferred_events where id = any($1::bigint[])"
+_RELEASE_SQL = "update recon.deferred_events set claimed_until = null where id = any($1::bigint[])"
 
 TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -133,14 +134,23 @@ class DeferredMover:
                 await asyncio.sleep(self._timings.poll_s)
 
     async def move_due(self) -> int:
-        """One pass: claim what is due, publish it, delete what the broker confirmed. Returns the
-        number of rows claimed."""
+        """One pass: claim what is due, publish it, delete what the broker confirmed and release
+        the rest for the next pass. Returns the number of rows claimed."""
         async with self._pool.acquire() as con:
             rows = await con.fetch(_CLAIM_SQL, self._timings.batch, self._timings.lease_s)
-        confirmed = [row["id"] for row in rows if await self._publish(row)]
-        if confirmed:
+        confirmed: list[int] = []
+        unsent: list[int] = []
+        for row in rows:
+            # After one refusal (the channel closed with its broker node) the rest would fail too.
+            if unsent or not await self._publish(row):
+                unsent.append(row["id"])
+            else:
+                confirmed.append(row["id"])
+        if confirmed or unsent:
             async with self._pool.acquire() as con:
                 await con.execute(_DELETE_SQL, confirmed)
+                # Released, not left to the lease: after a failover they go out at the next pass.
+                await con.execute(_RELEASE_SQL, unsent)
         return len(rows)
 
     async def _publish(self, row: Mapping[str, Any]) -> bool:
@@ -148,7 +158,7 @@ class DeferredMover:
         message = persistent_message(bytes(row["body"]), row["event_id"], row["message_type"], headers)
         try:
             await self._publisher.publish_to_queue(message, topology.WORK_QUEUE)
-        except PublishFailed as exc:  # kept and claimed: taken again when the lease ends
+        except PublishFailed as exc:  # kept: released for the next pass
             log.warning("deferred_event_not_requeued", event_id=row["event_id"], error=str(exc))
             return False
         return True

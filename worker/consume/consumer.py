@@ -28,7 +28,7 @@ from worker.amqp.delivery import Delivery
 from worker.amqp.publisher import Publisher
 from worker.amqp.subscription import Subscription, subscribe
 from worker.consume.acks import Acks
-from worker.consume.database import open_pool
+from worker.consume.database import DATABASE_ERRORS, open_pool
 from worker.consume.dead_letter_drain import DeadLetterDrain, DrainTimings
 from worker.consume.deferrals import DeferredMover, MoverTimings
 from worker.consume.inbound import Inbound, inbound, lane_key
@@ -219,7 +219,7 @@ class Consumer:
         try:
             async with self.pool.acquire(timeout=timeout_s) as con:
                 await con.fetchval("select 1", timeout=timeout_s)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+        except DATABASE_ERRORS:
             return "database unreachable"
         return None
 

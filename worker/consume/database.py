@@ -25,6 +25,11 @@ _TRANSIENT_DB_ERRORS = (
 )
 
 
+# Whatever the database answers or fails to answer with: for a caller that has another way out
+# (readiness reports it, a deferral falls back to the broker's wait queue, the mover tries again).
+DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """Errors that say nothing about the event: the same batch may well succeed on a retry."""
     if isinstance(exc, _TRANSIENT_DB_ERRORS):

@@ -24,6 +24,7 @@ import structlog
 
 from worker.amqp import topology
 from worker.amqp.publisher import Publisher, PublishFailed, persistent_message
+from worker.consume.database import DATABASE_ERRORS
 from worker.shutdown import Deadline
 
 log = structlog.get_logger(__name__)
@@ -55,8 +56,6 @@ returning d.id, d.event_id, d.message_type, d.body, d.headers
 _DELETE_SQL = "delete from recon.deferred_events where id = any($1::bigint[])"
 _RELEASE_SQL = "update recon.deferred_events set claimed_until = null where id = any($1::bigint[])"
 
-TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
 
 def own_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """The headers a deferred copy keeps: ours (``x-recon-*`` and the event's created time). The
@@ -79,7 +78,7 @@ async def defer(
     headers: Mapping[str, Any],
 ) -> None:
     """Keep one event until ``delay_s`` from now; committed when this returns. Raises one of
-    TRANSIENT within DEFER_TIMEOUT_S when the database cannot take it."""
+    DATABASE_ERRORS within DEFER_TIMEOUT_S when the database cannot take it."""
     row = (delay_s, event_id, message_type, body, orjson.dumps(own_headers(headers)).decode())
     async with pool.acquire(timeout=DEFER_TIMEOUT_S) as con:
         await con.execute(_DEFER_SQL, *row, timeout=DEFER_TIMEOUT_S)
@@ -123,7 +122,7 @@ class DeferredMover:
             try:
                 moved = await self.move_due()
                 failing = False
-            except TRANSIENT as exc:  # the database away: the rows wait, nothing is lost
+            except DATABASE_ERRORS as exc:  # the database away: the rows wait, nothing is lost
                 if not failing:
                     log.warning("deferred_events_unavailable", error=type(exc).__name__)
                 failing, moved = True, 0
@@ -153,9 +152,10 @@ class DeferredMover:
         self._refused = bool(unsent)
         if confirmed or unsent:
             async with self._pool.acquire() as con:
-                await con.execute(_DELETE_SQL, confirmed)
-                # Released, not left to the lease: after a failover they go out at the next pass.
-                await con.execute(_RELEASE_SQL, unsent)
+                if confirmed:
+                    await con.execute(_DELETE_SQL, confirmed)
+                if unsent:  # released, not left to the lease: after a failover, out at the next pass
+                    await con.execute(_RELEASE_SQL, unsent)
         return len(rows)
 
     async def _publish(self, row: Mapping[str, Any]) -> str | None:

@@ -19,6 +19,7 @@ from worker.amqp import topology
 from worker.amqp.publisher import Outgoing, Publisher, PublishFailed, persistent_message
 from worker.consume import deferrals
 from worker.consume.acks import Acks
+from worker.consume.database import DATABASE_ERRORS
 from worker.consume.fate import Fate
 from worker.consume.inbound import Inbound
 
@@ -55,7 +56,7 @@ async def _keep_copy(item: Inbound, fate: Fate, publisher: Publisher, pool: asyn
                 body=item.message.body,
                 headers=_headers(item, counts),
             )
-        except deferrals.TRANSIENT as exc:
+        except DATABASE_ERRORS as exc:
             # PostgreSQL cannot keep it (an outage: such batches defer as database_unavailable),
             # so the broker's wait queue does, whose TTL returns it to the work queue.
             log.info("deferred_to_wait_queue", event_id=item.event_id, error=type(exc).__name__)

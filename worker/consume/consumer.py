@@ -157,8 +157,6 @@ class Consumer:
         self.dead_lanes.route("", message)
 
     async def stop_consuming(self, deadline: Deadline) -> None:
-        if self.mover is not None:  # what it has not published stays in the table for the next worker
-            await self.mover.stop(deadline)
         if self.monitor is not None:  # it may change the prefetch window, i.e. consume again
             self.monitor.cancel()
             # Bounded: cancelled inside an aiormq call, the task may not end promptly, and a stop
@@ -190,6 +188,10 @@ class Consumer:
         log.info("consumer_drained", complete=drained, backlog_at_stop=backlog, unfinished_at_stop=unfinished)
 
     async def close(self, deadline: Deadline) -> None:
+        # Here, not when consuming stops: the drain does not wait on it, and it needs the pool and
+        # the channel until now. What it has not published stays in the table for the next worker.
+        if self.mover is not None:
+            await self.mover.stop(deadline)
         if self.monitor is not None:
             self.monitor.cancel()
             await asyncio.gather(self.monitor, return_exceptions=True)

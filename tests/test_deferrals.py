@@ -1,15 +1,17 @@
 """Deferred events wait in PostgreSQL and come back to the work queue when due, exactly as kept;
 a row claimed by a worker that died is taken again once its lease ends; a publish the broker
-does not confirm keeps the row for the next pass."""
+does not confirm keeps the row for the next pass; two gauges say how many wait and how late."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import asyncpg
 import orjson
+from prometheus_client import REGISTRY
 
+from tests.harness import wait_until
 from tests.work_queue import drain_work_queue
 from worker.amqp import topology
 from worker.amqp.publisher import Publisher, publisher_session
@@ -17,6 +19,7 @@ from worker.consume import deferrals
 from worker.consume.database import open_pool
 from worker.consume.deferrals import DeferredMover, MoverTimings
 from worker.settings import Settings
+from worker.shutdown import Deadline
 
 BODY = b'{"id":"evt_1","type":"charge.refunded","created":1700000000}'
 OURS = {
@@ -99,3 +102,50 @@ def test_only_our_own_headers_are_kept() -> None:
     """The broker's headers may hold timestamps JSON cannot carry; ours are ints and text."""
     kept = deferrals.own_headers({**HEADERS, "x-death": [{"time": object()}]})
     assert orjson.loads(orjson.dumps(kept)) == OURS
+
+
+async def test_the_backlog_gauges_count_what_waits_and_how_late_the_oldest_due_one_is(
+    settings: Settings, con: asyncpg.Connection
+) -> None:
+    """Nothing due: overdue is 0. A row due 30 s ago that nobody took back: ~30 s overdue. Once the
+    mover has published it, only the later one waits and nothing is overdue."""
+    async with mover(settings) as (pool, moving, _):
+        assert await moving.observe_backlog() == (0, 0.0)
+        await deferrals.defer(
+            pool, delay_s=3600.0, event_id="evt_later", message_type="charge.refunded", body=b"{}", headers={}
+        )
+        assert await moving.observe_backlog() == (1, 0.0)
+        await deferrals.defer(
+            pool, delay_s=-30.0, event_id="evt_1", message_type="charge.refunded", body=BODY, headers=HEADERS
+        )
+        waiting, overdue_s = await moving.observe_backlog()
+        assert waiting == 2 and 30.0 <= overdue_s < 40.0
+        assert REGISTRY.get_sample_value("recon_deferred_events") == 2
+        assert REGISTRY.get_sample_value("recon_deferred_overdue_seconds") == overdue_s
+        assert await moving.move_due() == 1
+        assert await moving.observe_backlog() == (1, 0.0)
+    await drain_work_queue(settings.amqp_url)
+
+
+async def test_the_running_mover_refreshes_the_gauges(settings: Settings, con: asyncpg.Connection) -> None:
+    """Started as the worker starts it, the mover publishes the due row and the gauges follow on
+    their own: one row waiting, then none."""
+    async with mover(settings) as (pool, _, publisher):
+        await deferrals.defer(
+            pool, delay_s=0.5, event_id="evt_1", message_type="charge.refunded", body=BODY, headers=HEADERS
+        )
+        running = DeferredMover(pool, publisher, MoverTimings(poll_s=0.05, observe_every_s=0.05))
+
+        def gauge_at(value: float) -> Callable[[], Awaitable[bool]]:
+            async def probe() -> bool:
+                return REGISTRY.get_sample_value("recon_deferred_events") == value
+
+            return probe
+
+        running.start()
+        try:
+            await wait_until(gauge_at(1), what="the gauge at one deferred event")
+            await wait_until(gauge_at(0), what="the gauge back at 0")
+        finally:
+            await running.stop(Deadline(5.0))
+    assert [m.message_id for m in await drain_work_queue(settings.amqp_url)] == ["evt_1"]

@@ -21,13 +21,17 @@ WEBHOOK_ACK_SECONDS = Histogram(
 
 # Worker
 EVENTS_PROCESSED = Counter("recon_events_processed", "Events reaching an outcome", ["type", "outcome"])
-EVENTS_RETRIED = Counter("recon_events_retried", "Events deferred to a retry queue", ["type", "reason"])
+EVENTS_RETRIED = Counter("recon_events_retried", "Events deferred for a later attempt", ["type", "reason"])
 EVENTS_DEAD_LETTERED = Counter("recon_events_dead_lettered", "Events sent to the dead-letter queue", ["type"])
 RECONCILE_SECONDS = Histogram(
     "recon_reconcile_seconds", "From delivery to commit of one event", buckets=_LATENCY_BUCKETS_S
 )
 DEAD_LETTERS_PARKED = Counter(
     "recon_dead_letters_parked", "Dead letters the database refused, moved to recon.dead-letters.parked"
+)
+DEFERRED_EVENTS = Gauge("recon_deferred_events", "Deferred events waiting in recon.deferred_events")
+DEFERRED_OVERDUE_SECONDS = Gauge(
+    "recon_deferred_overdue_seconds", "How long the oldest due deferred event has waited past its time"
 )
 QUEUE_DEPTH = Gauge("recon_queue_depth", "Messages ready in a queue", ["queue"])
 CONSUMER_LAG_SECONDS = Gauge(

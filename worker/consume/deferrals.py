@@ -14,6 +14,7 @@ wait queue leader's death, and deferred events stayed parked (docs/cluster.md).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import asyncpg
 import orjson
 import structlog
 
+from worker import metrics
 from worker.amqp import topology
 from worker.amqp.publisher import Publisher, PublishFailed, persistent_message
 from worker.consume.database import DATABASE_ERRORS
@@ -56,6 +58,15 @@ returning d.id, d.event_id, d.message_type, d.body, d.headers
 _DELETE_SQL = "delete from recon.deferred_events where id = any($1::bigint[])"
 _RELEASE_SQL = "update recon.deferred_events set claimed_until = null where id = any($1::bigint[])"
 
+# How many wait, and how long the oldest due one has been due: a few tenths of a second while the
+# mover keeps up, growing while nothing takes them back (no worker, or none able to publish).
+_BACKLOG_SQL = """
+select count(*) as waiting,
+       coalesce(extract(epoch from now() - min(due_at) filter (where due_at <= now())), 0)::float8
+           as overdue_s
+from recon.deferred_events
+"""
+
 
 def own_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """The headers a deferred copy keeps: ours (``x-recon-*`` and the event's created time). The
@@ -89,6 +100,7 @@ class MoverTimings:
     poll_s: float = 0.25  # a deferral comes back at most this late
     lease_s: float = 60.0  # how long a claimed row is another worker's (publishes take milliseconds)
     batch: int = 100
+    observe_every_s: float = 5.0  # the backlog gauges' refresh (a count over the table)
 
 
 class DeferredMover:
@@ -118,8 +130,12 @@ class DeferredMover:
 
     async def _run(self) -> None:
         failing = False
+        observed_at = float("-inf")
         while True:
             try:
+                if time.monotonic() - observed_at >= self._timings.observe_every_s:
+                    observed_at = time.monotonic()
+                    await self.observe_backlog()
                 moved = await self.move_due()
                 failing = False
             except DATABASE_ERRORS as exc:  # the database away: the rows wait, nothing is lost
@@ -132,6 +148,16 @@ class DeferredMover:
                 failing, moved = True, 0
             if moved < self._timings.batch:
                 await asyncio.sleep(self._timings.poll_s)
+
+    async def observe_backlog(self) -> tuple[int, float]:
+        """Deferred events waiting and how many seconds the oldest due one is overdue, into the
+        gauges; returned for callers. Every worker reports the same table-wide figures."""
+        async with self._pool.acquire() as con:
+            row = await con.fetchrow(_BACKLOG_SQL)
+        waiting, overdue_s = int(row["waiting"]), float(row["overdue_s"])
+        metrics.DEFERRED_EVENTS.set(waiting)
+        metrics.DEFERRED_OVERDUE_SECONDS.set(overdue_s)
+        return waiting, overdue_s
 
     async def move_due(self) -> int:
         """One pass: claim what is due, publish it, delete what the broker confirmed and release

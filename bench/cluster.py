@@ -12,7 +12,7 @@ The database is one of its own on the shared PostgreSQL.
 Then it posts a stream of signed webhooks (tests/event_stream.py: refunds, failed refunds,
 disputes, 10% duplicate deliveries) at a fixed rate, retrying every non-200 answer as Stripe does.
 A share of the charges is "late": the host app records their payments only after the kill, so
-their events wait in the recon.wait.* queues across it. Mid-stream it finds the node leading
+their events are deferred (kept in PostgreSQL until due) across it. Mid-stream it finds the node leading
 recon.events, SIGKILLs that node's Erlang VM, and carries on.
 
 At the end it shows that every webhook answered 200 was reconciled exactly once: one inbox row
@@ -70,7 +70,7 @@ RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
 NODE_PREFIX = "rabbit-recon-"  # every CLI call is refused unless it names one of our nodes
 NODES = 3
 CLI_TIMEOUT_S = 120.0
-RETRY_DELAYS_S = "2,5,10"  # short waits, so the late charges' events cycle through the wait queues
+RETRY_DELAYS_S = "2,5,10"  # short waits, so the late charges' events are deferred again and again
 LATE_SHARE = 0.1
 LATE_SEED_AFTER_KILL_S = 5.0
 POST_RETRIES = 40  # Stripe retries for days; here a 503 is retried every RETRY_PAUSE_S, 20 s in all
@@ -764,7 +764,7 @@ def compare_ledgers(
     """The run's ledger against the serial reference; rows are (kind, amount, currency, charge, object).
 
     Charges whose payment existed before their events must match row for row. A late charge's
-    events were first unmatched and came back from the wait queues in another order than they
+    events were first unmatched and came back from their deferrals in another order than they
     were posted; a refund created pending and then failed is then booked and reversed, or never
     booked, depending on which came first (net zero either way), so for those only the net
     amount per refund or dispute must match. A duplicate is a (kind, object) booked more often

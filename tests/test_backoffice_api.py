@@ -317,3 +317,38 @@ async def test_a_disputed_payment_refunds_nothing(
     for status, answer in (by_order, by_charge):
         assert (status, answer["error"], answer["refundable"]) == (422, "exceeds_refundable", 0)
     assert api.create_calls == 0
+
+
+async def test_an_order_with_a_payment_in_another_currency_is_refunded_by_charge_only(
+    settings: Settings, con: asyncpg.Connection, front: tuple[StripeFront, str]
+) -> None:
+    """A yen order for which the host also recorded a dollar charge: a refund or reject by order is
+    422 currency_mismatch naming that charge (one amount cannot be split over two currencies, and
+    dollars would go back for yen), nothing is stored, the order is not rejected and Stripe is not
+    called. Each charge can still be refunded on its own, in its own currency."""
+    api, base = front
+    (yen,) = await paid_order(con, base, "ORD-A10", [100_000], currency="jpy")
+    order_id = await con.fetchval("select id from recon.orders where number = 'ORD-A10'")
+    dollars = await paid_payment(con, None, order_id=order_id, amount=5000, currency="usd")
+    s = with_stripe(settings, base)
+    async with api_served(s) as url, aiohttp.ClientSession() as http:
+        by_order = await post(
+            http, f"{url}/v1/refunds", {"order_number": "ORD-A10", "reason": "duplicate"}, key="m1"
+        )
+        reject = await post(http, f"{url}/v1/orders/ORD-A10/reject", {"note": "out of stock"})
+        requests_before = await con.fetchval("select count(*) from recon.refund_requests")
+        calls_before = api.create_calls
+        by_charge = await post(
+            http, f"{url}/v1/refunds", {"charge": yen, "amount": 30_000, "reason": "duplicate"}, key="m2"
+        )
+    for status, answer in (by_order, reject):
+        assert (status, answer["error"], answer["charges"], answer["currency"]) == (
+            422,
+            "currency_mismatch",
+            [dollars],
+            "jpy",
+        ), answer
+    assert (requests_before, calls_before) == (0, 0)
+    assert await con.fetchval("select status from recon.orders where number = 'ORD-A10'") != "rejected"
+    assert by_charge[0] == 201
+    assert (by_charge[1]["amount"], by_charge[1]["currency"]) == (30_000, "jpy")

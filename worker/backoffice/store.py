@@ -53,6 +53,20 @@ class ExceedsRefundable(RefundRefused):
         self.refundable = refundable
 
 
+class CurrencyMismatch(RefundRefused):
+    """The owner has payments in another currency than its own (the host recorded them so): one
+    amount cannot be split across currencies, and the wrong one would go back to the buyer."""
+
+    def __init__(self, owner: str, currency: str, charges: list[str]) -> None:
+        super().__init__(
+            "currency_mismatch",
+            f"{owner} is in {currency} but {', '.join(charges)} "
+            f"{'is' if len(charges) == 1 else 'are'} not; refund by charge",
+            currency=currency,
+            charges=charges,
+        )
+
+
 class IdempotencyKeyReused(Exception):
     """The Idempotency-Key was used before by the same caller for a different request body."""
 
@@ -100,7 +114,7 @@ for update
 # Read after the locks were granted: in READ COMMITTED this statement sees every request and
 # booking committed by whoever held them before. Newest payment first: the order of the split.
 _REFUNDABLE = """
-select p.id, p.stripe_charge_id,
+select p.id, p.stripe_charge_id, p.currency,
        case when p.stripe_charge_id is null then 0 else r.refundable end as refundable
 from recon.payments p join recon.payment_refundable r on r.payment_id = p.id
 where p.id = any($1::bigint[])
@@ -195,6 +209,9 @@ async def create_request(
             for r in await con.fetch(_LOCK_PAYMENTS, owner.payment_id, owner.order_id, owner.invoice_id)
         ]
         rows = await con.fetch(_REFUNDABLE, locked)
+        foreign = [str(r["stripe_charge_id"] or r["id"]) for r in rows if r["currency"] != owner.currency]
+        if foreign:
+            raise CurrencyMismatch(f"{ask.owner_kind} {ask.owner}", owner.currency, sorted(foreign))
         refundable = [(int(r["id"]), int(r["refundable"])) for r in rows]
         cap = sum(can for _, can in refundable)
         amount = cap if ask.amount is None else ask.amount

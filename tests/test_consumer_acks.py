@@ -1,8 +1,10 @@
 """Multiple-acks: deliveries finished out of order are acked in as few frames as possible, never
-one that has not finished, and a slow delivery cannot hold the whole prefetch window."""
+one that has not finished, and a slow delivery cannot hold the whole prefetch window; frames sent
+concurrently reach the broker in the order the window decided them."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +17,13 @@ Frame = tuple[str, int, bool]  # ("ack"|"nack", delivery tag, multiple or requeu
 class FakeChannel:
     frames: list[Frame] = field(default_factory=list)
     is_closed: bool = False
+    # Loop turns a tag's frame takes to be written (aiormq's write queue full, say); others: none.
+    slow: dict[int, int] = field(default_factory=dict)
+
+    async def send(self, frame: Frame) -> None:
+        for _ in range(self.slow.get(frame[1], 0)):
+            await asyncio.sleep(0)
+        self.frames.append(frame)
 
 
 @dataclass
@@ -36,11 +45,11 @@ class FakeMessage:
         return not self.on.is_closed
 
     async def ack(self, *, multiple: bool = False) -> bool:
-        self.channel.frames.append(("ack", self.delivery_tag, multiple))
+        await self.channel.send(("ack", self.delivery_tag, multiple))
         return True
 
     async def nack(self, *, requeue: bool = True) -> bool:
-        self.channel.frames.append(("nack", self.delivery_tag, requeue))
+        await self.channel.send(("nack", self.delivery_tag, requeue))
         return False
 
 
@@ -60,6 +69,22 @@ def acked_up_to(frames: list[Frame]) -> set[int]:
         else:
             done.add(tag)
     return done
+
+
+def broker_replay(frames: list[Frame], delivered: int) -> tuple[set[int], set[int]]:
+    """What RabbitMQ makes of these frames, in order: the tags acked and the tags requeued. A single
+    ack or nack of a tag no longer outstanding is its 'unknown delivery tag', which closes the channel."""
+    outstanding, acked, requeued = set(range(1, delivered + 1)), set(), set()
+    for kind, tag, flag in frames:
+        if kind == "ack" and flag:
+            covered = {t for t in outstanding if t <= tag}
+            acked |= covered
+            outstanding -= covered
+            continue
+        assert tag in outstanding, f"{kind} of tag {tag}, no longer outstanding: the channel closes"
+        outstanding.discard(tag)
+        (acked if kind == "ack" else requeued).add(tag)
+    return acked, requeued
 
 
 async def test_in_order_run_is_one_frame() -> None:
@@ -186,3 +211,25 @@ async def test_deliveries_whose_channel_closed_mid_batch_are_skipped_not_raised(
     assert await acks.ack(*stranded, fresh) is False  # type: ignore[arg-type]
     assert await acks.nack(stranded[0]) is False  # type: ignore[arg-type]
     assert (old.frames, new.frames) == ([], [("ack", 1, True)])
+
+
+async def test_a_multiple_ack_never_overtakes_a_requeue_still_being_sent() -> None:
+    """Delivery 1 is requeued while its frame waits to be written, and 2-3 finish meanwhile: their
+    multiple ack goes out after the requeue, so 1 is requeued, not acked (lost)."""
+    channel = FakeChannel(slow={1: 5})
+    acks = Acks(max_held=100)
+    m = deliver(acks, channel, 3)
+    await asyncio.gather(acks.nack(m[0]), acks.ack(m[1], m[2]))
+    assert channel.frames == [("nack", 1, True), ("ack", 3, True)]
+    assert broker_replay(channel.frames, 3) == ({2, 3}, {1})
+
+
+async def test_a_multiple_ack_never_overtakes_a_single_ack_still_being_sent() -> None:
+    """Past max_held, 2 is acked alone and its frame is slow; 1 finishes meanwhile and its multiple
+    ack (covering 2) goes out after it, so the single ack never names a tag already acked."""
+    channel = FakeChannel(slow={2: 5})
+    acks = Acks(max_held=1)
+    m = deliver(acks, channel, 3)
+    await asyncio.gather(acks.ack(m[1], m[2]), acks.ack(m[0]))
+    assert channel.frames == [("ack", 2, False), ("ack", 3, True)]
+    assert broker_replay(channel.frames, 3) == ({1, 2, 3}, set())

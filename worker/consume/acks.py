@@ -9,10 +9,17 @@ A delivery that takes long (a batch retrying through a database hiccup, a slow S
 would hold back the acks behind it and, with them, the prefetch window: once more than
 ``max_held`` finished deliveries wait behind an unfinished one, they are acked one by one. A later
 ``multiple`` ack that covers them again is harmless: it acks only what is still outstanding.
+
+A window sends its frames one at a time, in the order its bookkeeping decided them. The frames of
+a connection share aiormq's bounded write queue, and a sender that finds room there can overtake
+one that was waiting for it: a multiple ack overtaking a nack would ack the delivery meant to be
+requeued (lost), and one overtaking a single ack would make that ack name an unknown tag (the
+broker closes the channel).
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import collections
 from typing import Any
@@ -31,6 +38,7 @@ class AckWindow:
         self._outstanding: collections.deque[int] = collections.deque()
         self._finished: dict[int, Delivery] = {}
         self._settled: set[int] = set()  # finished and already acked or nacked on their own
+        self._sending = asyncio.Lock()  # decide and send each frame in turn (the module's docstring)
 
     def delivered(self, message: Delivery) -> None:
         # Sorted even if callbacks ever ran out of order: a multiple ack covers every lower tag.
@@ -49,28 +57,30 @@ class AckWindow:
     async def ack(self, *messages: Delivery) -> bool:
         """Ack ``messages`` once they and everything delivered before them are finished: one frame
         for all of them (and whatever finished run they complete) when they reach the head."""
-        for message in messages:
-            self._finished[_tag(message)] = message
-        carrier = self._advance()
-        acked = True
-        if carrier is not None:
-            acked = await carrier.ack(multiple=True)
-        for message in messages:
-            tag = _tag(message)
-            if tag in self._finished and tag not in self._settled and self.held > self.max_held:
-                self._settled.add(tag)
-                acked = await message.ack() and acked
-        return acked
+        async with self._sending:
+            for message in messages:
+                self._finished[_tag(message)] = message
+            carrier = self._advance()
+            acked = True
+            if carrier is not None:
+                acked = await carrier.ack(multiple=True)
+            for message in messages:
+                tag = _tag(message)
+                if tag in self._finished and tag not in self._settled and self.held > self.max_held:
+                    self._settled.add(tag)
+                    acked = await message.ack() and acked
+            return acked
 
     async def nack(self, message: Delivery) -> bool:
         """Requeue ``message`` now; it counts as finished for the acks held behind it."""
-        self._finished[_tag(message)] = message
-        self._settled.add(_tag(message))
-        requeued = await message.nack(requeue=True)
-        carrier = self._advance()
-        if carrier is not None:
-            await carrier.ack(multiple=True)
-        return requeued
+        async with self._sending:
+            self._finished[_tag(message)] = message
+            self._settled.add(_tag(message))
+            requeued = await message.nack(requeue=True)
+            carrier = self._advance()
+            if carrier is not None:
+                await carrier.ack(multiple=True)
+            return requeued
 
     def _advance(self) -> Delivery | None:
         """Pop the finished run at the head; the last message of it not yet settled on its own

@@ -4,6 +4,7 @@ does not confirm keeps the row for the next pass; two gauges say how many wait a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -93,7 +94,7 @@ async def test_a_publish_not_confirmed_keeps_the_row(settings: Settings, con: as
             pool, delay_s=0.0, event_id="evt_2", message_type="charge.refunded", body=BODY, headers=HEADERS
         )
         await publisher.channel.close()
-        assert await moving.move_due() == 2
+        assert await moving.move_due() == 0
     assert await drain_work_queue(settings.amqp_url) == []
     assert sorted(tuple(r) for r in await _rows(con)) == [("evt_1", False), ("evt_2", False)]
 
@@ -149,3 +150,30 @@ async def test_the_running_mover_refreshes_the_gauges(settings: Settings, con: a
         finally:
             await running.stop(Deadline(5.0))
     assert [m.message_id for m in await drain_work_queue(settings.amqp_url)] == ["evt_1"]
+
+
+async def test_refused_publishes_do_not_make_the_mover_spin(
+    settings: Settings, con: asyncpg.Connection
+) -> None:
+    """More rows due than a batch and a channel that refuses every publish (the broker away): the
+    loop waits its poll interval between passes instead of claiming and releasing without pause."""
+    passes = 0
+
+    class Counting(DeferredMover):
+        async def move_due(self) -> int:
+            nonlocal passes
+            passes += 1
+            return await super().move_due()
+
+    async with mover(settings) as (pool, _, publisher):
+        for n in range(3):
+            await deferrals.defer(
+                pool, delay_s=0.0, event_id=f"evt_{n}", message_type="charge.refunded", body=BODY, headers={}
+            )
+        await publisher.channel.close()
+        running = Counting(pool, publisher, MoverTimings(poll_s=0.1, batch=2))
+        running.start()
+        await asyncio.sleep(0.5)
+        await running.stop(Deadline(5.0))
+    assert 1 <= passes <= 8
+    assert len(await _rows(con)) == 3

@@ -146,6 +146,8 @@ class DeferredMover:
                 if not failing:
                     log.exception("deferred_events_pass_failed")
                 failing, moved = True, 0
+            # Straight on only after a full batch went out: a pass whose publishes were refused
+            # claimed and released a full batch too, and must not loop on the database unpaused.
             if moved < self._timings.batch:
                 await asyncio.sleep(self._timings.poll_s)
 
@@ -161,7 +163,7 @@ class DeferredMover:
 
     async def move_due(self) -> int:
         """One pass: claim what is due, publish it, delete what the broker confirmed and release
-        the rest for the next pass. Returns the number of rows claimed."""
+        the rest for the next pass. Returns the number of events the broker confirmed."""
         async with self._pool.acquire() as con:
             rows = await con.fetch(_CLAIM_SQL, self._timings.batch, self._timings.lease_s)
         confirmed: list[int] = []
@@ -182,7 +184,7 @@ class DeferredMover:
                     await con.execute(_DELETE_SQL, confirmed)
                 if unsent:  # released, not left to the lease: after a failover, out at the next pass
                     await con.execute(_RELEASE_SQL, unsent)
-        return len(rows)
+        return len(confirmed)
 
     async def _publish(self, row: Mapping[str, Any]) -> str | None:
         """None once the broker confirmed, else why not (the row is kept: released for the next pass)."""

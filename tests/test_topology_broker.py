@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from worker.amqp import topology
 from worker.amqp.connection import connect, declare_topology, open_confirm_channel
-from worker.amqp.publisher import Publisher, PublishFailed, event_message
+from worker.amqp.publisher import Publisher, PublishFailed, event_message, open_publisher
 from worker.events import HANDLED_TYPES
 from worker.settings import Settings
 
@@ -59,6 +59,29 @@ async def test_unroutable_publish_fails_instead_of_being_confirmed_into_nowhere(
     with pytest.raises(PublishFailed):
         await publisher.publish_event(event_message(b"{}", "evt_nowhere", "plan.created", 1))
     assert await _work_queue_ids(connection) == []
+
+
+async def test_a_nacked_publish_is_followed_by_a_new_confirm_channel(
+    connection: AbstractRobustConnection,
+) -> None:
+    """The broker nacks a publish (a queue that rejects what it cannot hold): the publisher fails it,
+    closes the channel that was nacked and publishes on a new one, in the worker as in the receiver
+    (RabbitMQ 3.10 can keep nacking on a channel restored during a failover). A publisher opened
+    without a way to reopen keeps its channel."""
+    side = await connection.channel()
+    full = await side.declare_queue(
+        "recon.test.full", auto_delete=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    renewing, plain = await open_publisher(connection), Publisher(await open_confirm_channel(connection))
+    for publisher in (renewing, plain):
+        before = publisher.channel
+        with pytest.raises(PublishFailed):
+            await publisher.publish_to_queue(event_message(b"{}", "evt_full", "refund.created", 1), full.name)
+        assert (publisher.channel is before) is (publisher is plain)
+        assert before.is_closed is (publisher is renewing)
+        await publisher.publish_event(event_message(b"{}", f"evt_after_{id(publisher)}", "refund.created", 1))
+    assert await _work_queue_ids(connection) == [f"evt_after_{id(renewing)}", f"evt_after_{id(plain)}"]
+    await side.close()
 
 
 async def test_declaring_the_topology_twice_is_harmless(

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
 from worker.amqp import connection, topology
 from worker.settings import Settings
 
+log = structlog.get_logger(__name__)
+
 PUBLISH_TIMEOUT_S = 5.0
+# What opening or closing a channel can raise on a connection that is failing over.
+_CHANNEL_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+)
 
 
 class PublishFailed(Exception):
@@ -85,10 +98,19 @@ class Publisher:
     Each publish goes to the aiormq channel under aio-pika's robust one (which swaps it after a
     reconnect), not through ``Exchange.publish``: same confirm, mandatory and on-return semantics,
     less CPU per webhook in ``recon run`` (docs/performance.md).
+
+    With ``reopen``, a publish the broker nacks (or returns) is followed by a new confirm channel:
+    RabbitMQ 3.10 can leave a channel that was restored while a quorum queue had no leader (its
+    node had just died) nacking every later publish to that queue, while a new channel on the same
+    connection publishes fine (docs/cluster.md).
     """
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(
+        self, channel: AbstractChannel, reopen: Callable[[], Awaitable[AbstractChannel]] | None = None
+    ) -> None:
         self._channel = channel
+        self._reopen = reopen
+        self._renewing = asyncio.Lock()
 
     @property
     def channel(self) -> AbstractChannel:
@@ -107,10 +129,11 @@ class Publisher:
         await self._confirm(topology.DEAD_EXCHANGE, message, routing_key="")
 
     async def _confirm(self, exchange: str, message: Outgoing, routing_key: str) -> None:
+        used = self._channel
         try:
-            if self._channel.is_closed:
+            if used.is_closed:
                 raise aiormq.exceptions.ChannelInvalidStateError("channel closed")
-            channel = await self._channel.get_underlay_channel()
+            channel = await used.get_underlay_channel()
             confirmation = await channel.basic_publish(
                 message.body,
                 exchange=exchange,
@@ -126,9 +149,27 @@ class Publisher:
             TimeoutError,
             RuntimeError,  # ChannelInvalidStateError: a channel that is closed or reconnecting
         ) as exc:
+            if isinstance(exc, aiormq.exceptions.DeliveryError):
+                await self._renew(used)
             raise PublishFailed(type(exc).__name__) from exc
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise PublishFailed(f"broker answered {type(confirmation).__name__}")
+
+    async def _renew(self, nacked: AbstractChannel) -> None:
+        """A new confirm channel in place of ``nacked``, once however many publishes it failed."""
+        if self._reopen is None:
+            return
+        async with self._renewing:
+            if self._channel is not nacked:
+                return  # another publish renewed it already
+            try:
+                self._channel = await self._reopen()
+            except _CHANNEL_ERRORS as exc:
+                log.warning("broker_channel_renew_failed", error=type(exc).__name__)
+                return
+            log.warning("broker_channel_renewed")
+        with contextlib.suppress(*_CHANNEL_ERRORS):
+            await nacked.close()
 
 
 @asynccontextmanager
@@ -142,6 +183,13 @@ async def publisher_session(settings: Settings) -> AsyncIterator[Publisher]:
     link = await connection.connect(settings.amqp_url)
     try:
         await connection.declare_topology(link, settings)
-        yield Publisher(await connection.open_confirm_channel(link))
+        yield await open_publisher(link)
     finally:
         await link.close()
+
+
+async def open_publisher(link: AbstractRobustConnection) -> Publisher:
+    """A Publisher on a new confirm channel of ``link``, renewed on the same link after a nack."""
+    return Publisher(
+        await connection.open_confirm_channel(link), lambda: connection.open_confirm_channel(link)
+    )

@@ -23,9 +23,9 @@ from aiohttp import web
 from handlers import Policy
 from worker import metrics
 from worker.amqp import topology
-from worker.amqp.connection import connect, declare_topology, open_confirm_channel
+from worker.amqp.connection import connect, declare_topology
 from worker.amqp.delivery import Delivery
-from worker.amqp.publisher import Publisher
+from worker.amqp.publisher import open_publisher
 from worker.amqp.subscription import Subscription, subscribe
 from worker.consume.acks import Acks
 from worker.consume.database import DATABASE_ERRORS, open_pool
@@ -268,7 +268,7 @@ async def _wire(
     connection: AbstractRobustConnection,
 ) -> Consumer:
     await declare_topology(connection, settings)
-    publisher = Publisher(await open_confirm_channel(connection))
+    publisher = await open_publisher(connection)
     stripe_refunds = refund_fetcher(settings, timings.fetch) if fetcher is None else None
     acks = Acks(max_held=max(1, prefetch_for(settings) // 4))
     policy = Policy(unmatched_retry_s=settings.unmatched_retry_s)

@@ -16,8 +16,8 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
-from worker.amqp.connection import CONNECT_TIMEOUT_S, connect, declare_topology, open_confirm_channel
-from worker.amqp.publisher import PUBLISH_TIMEOUT_S, Outgoing, Publisher, PublishFailed
+from worker.amqp.connection import CONNECT_TIMEOUT_S, connect, declare_topology
+from worker.amqp.publisher import PUBLISH_TIMEOUT_S, Outgoing, Publisher, open_publisher
 from worker.settings import Settings
 from worker.shutdown import Deadline
 
@@ -65,7 +65,6 @@ class BrokerLink:
         self._idle.set()
         self._first_attempt = asyncio.Event()
         self._closing = asyncio.Event()
-        self._renewing = asyncio.Lock()
 
     async def start(self) -> None:
         """Connect and declare the topology; if the broker is unreachable, keep trying in the background.
@@ -116,7 +115,7 @@ class BrokerLink:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 await declare_topology(connection, self._settings)
-                channels = [await open_confirm_channel(connection) for _ in range(PUBLISH_CHANNELS)]
+                publishers = [await open_publisher(connection) for _ in range(PUBLISH_CHANNELS)]
         except BaseException:
             await self._close_connection(connection)
             raise
@@ -127,7 +126,7 @@ class BrokerLink:
         # publish unroutable: declare again after each reconnect (idempotent).
         connection.reconnect_callbacks.add(self._redeclare)
         self._connection = connection
-        self._publishers = [Publisher(channel) for channel in channels]
+        self._publishers = publishers
 
     @staticmethod
     async def _close_connection(
@@ -161,8 +160,8 @@ class BrokerLink:
         """Returns once the broker confirmed; raises BrokerUnavailable or PublishFailed."""
         if self._connection is None or not self._publishers:
             raise BrokerUnavailable(self._problem)
-        slot = self._turn = (self._turn + 1) % len(self._publishers)
-        publisher = self._publishers[slot]
+        self._turn = (self._turn + 1) % len(self._publishers)
+        publisher = self._publishers[self._turn]
         # Only the channel this publish takes: asking all eight, as readiness does, was 2.5% of
         # the receiver's py-spy samples under load (docs/performance.md, "The eighth session").
         if not self._connection.connected.is_set() or publisher.channel.is_closed:
@@ -171,31 +170,10 @@ class BrokerLink:
         self._idle.clear()
         try:
             await publisher.publish_event(message)
-        except PublishFailed as exc:
-            if isinstance(exc.__cause__, aiormq.exceptions.DeliveryError):
-                await self._renew_channel(slot, publisher)
-            raise
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
-
-    async def _renew_channel(self, slot: int, nacked: Publisher) -> None:
-        """A new confirm channel after a broker nack. RabbitMQ 3.10 can leave a channel that was
-        restored while a quorum queue had no leader (its node just died) nacking every later
-        publish to that queue, while a new channel on the same connection publishes fine."""
-        async with self._renewing:
-            if self._connection is None or self._publishers[slot] is not nacked:
-                return  # another request renewed it already
-            try:
-                channel = await open_confirm_channel(self._connection)
-            except (*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError) as exc:
-                log.warning("broker_channel_renew_failed", error=type(exc).__name__)
-                return
-            self._publishers[slot] = Publisher(channel)
-            log.warning("broker_channel_renewed")
-        with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.AMQPError, RuntimeError):
-            await nacked.channel.close()
 
     async def close(self, deadline: Deadline) -> None:
         """Stop connecting, let in-flight publishes be confirmed, then close the connection: each

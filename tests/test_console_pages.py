@@ -5,7 +5,9 @@ search, the actions and the refusals a form can meet, without a browser."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -296,6 +298,75 @@ async def test_payouts_list_and_one_payout(settings: Settings, con: asyncpg.Conn
         assert status == 200 and "po_console_1" in body
         status, body, _ = await page.get("/console/payouts/po_nope")
         assert status == 404 and "payout po_nope" in body
+
+
+async def _raise_with_detail(
+    con: asyncpg.Connection, kind: str, object_id: str, detail: dict[str, Any]
+) -> None:
+    """An open exception of ``kind`` on ``object_id`` whose detail is ``detail``, as a handler raises one."""
+    await con.execute(
+        "insert into recon.exceptions (kind, stripe_object_id, detail) values ($1, $2, $3::jsonb)",
+        kind,
+        object_id,
+        json.dumps(detail),
+    )
+
+
+async def test_exception_details_show_money_in_the_currency_they_name(
+    settings: Settings, con: asyncpg.Connection
+) -> None:
+    """An exception's amounts show in the format of the currency its detail names: three-decimal
+    KWD, zero-decimal JPY, a negative USD payout difference and its lines' differences. Its other
+    values stay as raised (the currency itself, a reason, counts such as amount_differs), and the
+    amounts of a detail that names no currency stay in minor units."""
+    await _raise_with_detail(
+        con,
+        "over_refund",
+        "re_kwd",
+        {"refund_amount": 1005, "amount_refunded": 0, "captured_amount": 1000, "currency": "kwd"},
+    )
+    await _raise_with_detail(
+        con, "refund_failed", "re_jpy", {"refund_amount": 110000, "currency": "jpy", "failure_reason": "lost"}
+    )
+    line = {"balance_transaction": "txn_1", "source": "ch_1", "match": "amount_differs", "difference": -1500}
+    await _raise_with_detail(
+        con,
+        "payout_difference",
+        "po_usd",
+        {
+            "currency": "usd",
+            "payout_amount": 4321,
+            "lines_net": 5821,
+            "difference_amount": -1500,
+            "missing_in_ledger": 0,
+            "amount_differs": 1,
+            "lines": [line],
+        },
+    )
+    await _raise_with_detail(
+        con, "refund_mismatch", "ch_none", {"expected_live_refunds": 700, "live_refunds_booked": 200}
+    )
+    async with console(settings) as page:
+        status, body, _ = await page.get("/console/exceptions")
+    assert status == 200
+    shown = [
+        "refund_amount=1.005 KWD",
+        "amount_refunded=0.000 KWD",
+        "captured_amount=1.000 KWD",
+        "currency=kwd",
+        "refund_amount=¥110,000",
+        "failure_reason=lost",
+        "payout_amount=$43.21",
+        "lines_net=$58.21",
+        "difference_amount=-$15.00",
+        "missing_in_ledger=0",
+        "amount_differs=1",
+        "expected_live_refunds=700",
+        "live_refunds_booked=200",
+    ]
+    for text in shown:
+        assert f"<span>{text}</span>" in body, text
+    assert "-1500" not in body  # nor in the payout's lines
 
 
 @pytest.mark.parametrize("cookie", ["", "a.b.c", "bm90anNvbg.sig", "e30.sig"])

@@ -32,7 +32,29 @@ ENVIRONMENT = jinja2.Environment(
 )
 
 
-def money_formatter(exponents: dict[str, int]) -> Callable[[int | None, str | None], str]:
+# The keys of an exception's detail whose value is money in minor units, as the handlers, the
+# refund checks and the payout reconciler raise them. Counts that only sound like money, such as a
+# payout's ``amount_differs`` lines, are not listed: they stay as raised.
+AMOUNT_KEYS = frozenset(
+    {
+        "amount",
+        "refund_amount",
+        "amount_refunded",
+        "captured_amount",
+        "expected_live_refunds",
+        "live_refunds_booked",
+        "fetched_live_refunds",
+        "payout_amount",
+        "lines_net",
+        "difference_amount",
+        "difference",  # a payout line's, in the payout's currency
+    }
+)
+
+Money = Callable[[int | None, str | None], str]
+
+
+def money_formatter(exponents: dict[str, int]) -> Money:
     """``money(amount_minor, currency)`` for a page whose currencies' exponents were read."""
 
     def money(amount: int | None, currency: str | None) -> str:
@@ -43,6 +65,26 @@ def money_formatter(exponents: dict[str, int]) -> Callable[[int | None, str | No
         return format_money(major, currency)
 
     return money
+
+
+def exception_detail(detail: dict[str, Any], money: Money) -> dict[str, Any]:
+    """An exception's detail with its amounts in the format of the currency it names (``currency``,
+    the payout's for a payout_difference); a detail that names none is shown as raised."""
+    currency = detail.get("currency")
+    if not isinstance(currency, str):
+        return detail  # without a currency its exponent is unknown: a guess would misstate JPY or KWD
+    return {key: _shown(key, value, currency, money) for key, value in detail.items()}
+
+
+def _shown(key: str, value: Any, currency: str, money: Money) -> Any:
+    if key in AMOUNT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+        return money(value, currency)
+    # Nested too: a payout_difference lists its differing lines, each with its difference.
+    if isinstance(value, dict):
+        return {inner: _shown(inner, item, currency, money) for inner, item in value.items()}
+    if isinstance(value, list):
+        return [_shown(key, item, currency, money) for item in value]
+    return value
 
 
 def utc(moment: datetime | date | int | None) -> str:
@@ -94,9 +136,11 @@ def currencies_in(value: Any) -> set[str]:
 
 def page(template: str, context: dict[str, Any], exponents: dict[str, int]) -> str:
     now = datetime.now(UTC)
+    money = money_formatter(exponents)
     return ENVIRONMENT.get_template(template).render(
         **context,
-        money=money_formatter(exponents),
+        money=money,
+        exception_detail=lambda detail: exception_detail(detail, money),
         utc=utc,
         age=lambda moment: age(moment, now),
         badge=badge,

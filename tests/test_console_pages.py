@@ -369,6 +369,35 @@ async def test_exception_details_show_money_in_the_currency_they_name(
     assert "-1500" not in body  # nor in the payout's lines
 
 
+async def test_a_payout_whose_lines_do_not_add_up_shows_its_difference(
+    settings: Settings, con: asyncpg.Connection
+) -> None:
+    """A payout marked differences with no differing line (its lines' net is not its amount) shows
+    the difference on its own page, as the payouts list does; a payout with a differing line whose
+    differences cancel out still says how many lines differ."""
+    await con.execute(
+        """
+        insert into recon.payouts (id, amount, currency, arrival_date, automatic, status,
+                                   status_created, status_rank, reconciliation, difference_amount)
+        values ('po_console_net', 4321, 'usd', '2024-05-01', true, 'paid', now(), 3, 'differences', -1500),
+               ('po_console_line', 4321, 'usd', '2024-05-01', true, 'paid', now(), 3, 'differences', 0)
+        """
+    )
+    await con.execute(
+        """
+        insert into recon.payout_lines (payout_id, balance_transaction_id, type, amount, fee, net,
+                                        currency, match, difference, created)
+        values ('po_console_line', 'txn_console_1', 'charge', 4321, 0, 4321, 'usd', 'amount_differs', 0,
+                now())
+        """
+    )
+    async with console(settings) as page:
+        status, body, _ = await page.get("/console/payouts/po_console_net")
+        assert status == 200 and "-$15.00" in body
+        status, body, _ = await page.get("/console/payouts/po_console_line")
+        assert status == 200 and "0 of 1 lines matched, 1 differ" in body
+
+
 @pytest.mark.parametrize("cookie", ["", "a.b.c", "bm90anNvbg.sig", "e30.sig"])
 def test_a_forged_or_malformed_session_cookie_is_no_session(cookie: str) -> None:
     """A cookie that is empty, has the wrong shape, is not JSON or lacks the claims reads as None."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq
@@ -34,12 +34,19 @@ class Subscription:
     tag: str | None = None
     cancelled_by_broker: bool = False
     stopped: bool = False  # cancelled by us: nothing may consume on it again
+    # One change of consumer at a time: a prefetch change, a consume after a reopen, the stop.
+    _changing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self) -> None:
-        self.channel.reopen_callbacks.add(self._consume)
+        self.channel.reopen_callbacks.add(self._reopened)
         await self._consume()
 
-    async def _consume(self, *_reopened_channel: Any) -> None:
+    async def _reopened(self, *_channel: Any) -> None:
+        async with self._changing:
+            if not self.stopped:
+                await self._consume()
+
+    async def _consume(self) -> None:
         underlay = await self.channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
         consume_ok = await underlay.basic_consume(self.queue_name, self._deliver)
@@ -58,22 +65,34 @@ class Subscription:
         """Consume with a new window. RabbitMQ binds a per-consumer prefetch to the consumers made
         after the basic.qos (and quorum queues refuse the channel-wide kind), so the consumer is
         cancelled and made again; what was delivered stays unacked on the channel, ours to finish.
-        Nothing once the subscription was stopped: a shutdown's drain must get no new deliveries."""
-        if self.stopped:
-            return
-        await self.channel.set_qos(prefetch_count=prefetch, timeout=timeout_s)  # kept for a reopen too
-        if self.tag is not None and not self.channel.is_closed and not self.stopped:
-            underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
-            await underlay.basic_cancel(self.tag, timeout=timeout_s)
-            await self._consume()
+        Nothing once the subscription was stopped: a shutdown's drain must get no new deliveries.
+
+        Shielded from the caller's cancellation: aiormq closes a channel whose request was cancelled
+        mid-way, and with it the acks of every delivery still unacked on it (a stop that cancels
+        the queue-depth monitor during a change would leave its drain unable to ack anything)."""
+        await asyncio.shield(self._set_prefetch(prefetch, timeout_s))
+
+    async def _set_prefetch(self, prefetch: int, timeout_s: float) -> None:
+        async with self._changing:
+            if self.stopped:
+                return
+            await self.channel.set_qos(prefetch_count=prefetch, timeout=timeout_s)  # kept for a reopen too
+            if self.tag is not None and not self.channel.is_closed:
+                underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
+                await underlay.basic_cancel(self.tag, timeout=timeout_s)
+                self.tag = None
+                if not self.stopped:
+                    await self._consume()
 
     async def cancel(self, timeout_s: float) -> None:
         """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
         self.stopped = True
-        self.channel.reopen_callbacks.discard(self._consume)
-        if self.tag is not None and not self.channel.is_closed:
-            underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
-            await underlay.basic_cancel(self.tag, timeout=timeout_s)
+        self.channel.reopen_callbacks.discard(self._reopened)
+        # After a prefetch change in progress, which ends within its own timeout.
+        async with self._changing:
+            if self.tag is not None and not self.channel.is_closed:
+                underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
+                await underlay.basic_cancel(self.tag, timeout=timeout_s)
 
 
 async def subscribe(

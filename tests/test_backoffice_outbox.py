@@ -21,7 +21,7 @@ from tests.smtp_sink import smtp_sink
 from worker.backoffice.host_webhooks import HostWebhookDeliverer
 from worker.backoffice.mail import MailDeliverer
 from worker.backoffice.money import format_money
-from worker.backoffice.outbox import OutboxSender, OutboxTimings
+from worker.backoffice.outbox import OutboxRow, OutboxSender, OutboxTimings, Sent
 
 AGAIN_AT_ONCE = OutboxTimings(retry_delays_s=(0.0,))
 SECRET = "whsec_host_9d3a61f0c2b84e57"
@@ -115,6 +115,72 @@ async def test_a_dead_smtp_server_delays_mail_loses_none_and_shows_in_the_metric
         assert await sender.observe_backlog() == (0, 0.0)
     finally:
         await pool.close()
+
+
+async def test_a_buyer_address_that_is_not_one_clean_address_is_given_up_and_the_rest_go_out(
+    con: asyncpg.Connection, database_url: str
+) -> None:
+    """The host's buyer_email holds a line break (a header injection attempt) or two addresses: that
+    e-mail is given up at once with the reason and no address kept, no one else is mailed, and the
+    other rows of the same pass are sent: one bad row never stops the channel."""
+    for number in ("ORD-M7", "ORD-M8", "ORD-M9"):
+        await booked_app_refund(con, number, 1000, "usd", "")
+    bad = {
+        "ORD-M7": "buyer@example.com\r\nBcc: someone@elsewhere.example",
+        "ORD-M8": "buyer@example.com, someone@elsewhere.example",
+    }
+    for number, to in bad.items():
+        await con.execute(
+            "update recon.outbox set payload = jsonb_set(payload, '{to}', to_jsonb($2::text))"
+            " where channel = 'email' and payload ->> 'order_number' = $1",
+            number,
+            to,
+        )
+    port = free_port()
+    mail = MailDeliverer(f"smtp://127.0.0.1:{port}", "refunds@shop.example", notify_dashboard_refunds=False)
+    with smtp_sink(port) as sink:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            assert await OutboxSender(pool, "email", mail).run_once() == 3
+        finally:
+            await pool.close()
+    assert sink.recipients == [["buyer@example.com"]]
+    assert [m["Subject"] for m in sink.messages] == ["Your refund of $10.00 for order ORD-M9"]
+    rows = await con.fetch(
+        "select payload ->> 'order_number' as number, state, last_error from recon.outbox"
+        " where channel = 'email' order by id"
+    )
+    assert [(r["number"], r["state"]) for r in rows] == [
+        ("ORD-M7", "gave_up"),
+        ("ORD-M8", "gave_up"),
+        ("ORD-M9", "sent"),
+    ]
+    assert all("@" not in (r["last_error"] or "") for r in rows)
+
+
+async def test_a_deliverer_that_crashes_on_one_row_keeps_it_for_a_retry_and_sends_the_rest(
+    con: asyncpg.Connection, database_url: str
+) -> None:
+    """A bug in a deliverer (here it raises KeyError on one row) is that row's failure, kept for a
+    retry with the error's type only; the pass delivers the others and returns."""
+    for number in ("ORD-M10", "ORD-M11"):
+        await booked_app_refund(con, number, 1000, "usd", "")
+
+    class Flaky:
+        async def deliver(self, row: OutboxRow) -> Sent:
+            if row.payload["order_number"] == "ORD-M10":
+                raise KeyError("buyer@example.com")
+            return Sent()
+
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        assert await OutboxSender(pool, "email", Flaky()).run_once() == 2
+    finally:
+        await pool.close()
+    rows = await con.fetch(
+        "select state, attempts, last_error from recon.outbox where channel = 'email' order by id"
+    )
+    assert [tuple(r) for r in rows] == [("pending", 1, "unexpected KeyError"), ("sent", 1, None)]
 
 
 async def test_host_webhooks_are_signed_and_retried_until_the_host_accepts(

@@ -6,6 +6,7 @@ is the same message to any mail system that dedupes, and to a reader. Addresses 
 
 from __future__ import annotations
 
+import email.errors
 from dataclasses import dataclass
 from decimal import Decimal
 from email.message import EmailMessage
@@ -81,6 +82,20 @@ def build_refund_email(payload: dict[str, Any], mail_from: str) -> EmailMessage:
     return message
 
 
+def _buildable(payload: dict[str, Any], mail_from: str) -> EmailMessage:
+    """The message, or a permanent failure when the host's data cannot make one: a line break in
+    a header (the e-mail library refuses it: no header injection) or a To that is not exactly one
+    address (a comma in buyer_email would send the refund's details to a second person)."""
+    try:
+        message = build_refund_email(payload, mail_from)
+        recipients = message["To"].addresses
+    except (ValueError, email.errors.MessageError) as exc:
+        raise DeliveryFailed(f"the message cannot be built ({type(exc).__name__})", permanent=True) from None
+    if len(recipients) != 1 or not recipients[0].addr_spec or "@" not in recipients[0].addr_spec:
+        raise DeliveryFailed(f"To is not one address ({len(recipients)} found)", permanent=True)
+    return message
+
+
 class MailDeliverer:
     """Sends the ``email`` outbox; with no SMTP_URL the rows are kept as recorded, not sent."""
 
@@ -98,7 +113,7 @@ class MailDeliverer:
         if self._server is None:
             return Skipped("recorded, not sent: SMTP_URL is not set")
         server = self._server
-        message = build_refund_email(row.payload, self._mail_from)
+        message = _buildable(row.payload, self._mail_from)
         try:
             await aiosmtplib.send(
                 message,

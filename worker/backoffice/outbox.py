@@ -168,6 +168,13 @@ class OutboxSender:
         except DeliveryFailed as failed:
             await self._failed(row, failed)
             return None
+        except Exception as exc:  # a bug or a row it did not foresee: that row waits, the channel goes on
+            # The type only: the message of an unforeseen error may quote the payload (addresses).
+            log.error(
+                "outbox_delivery_crashed", channel=self.channel, outbox_id=row.id, error=type(exc).__name__
+            )
+            await self._failed(row, DeliveryFailed(f"unexpected {type(exc).__name__}"))
+            return None
 
     async def _failed(self, row: OutboxRow, failed: DeliveryFailed) -> None:
         metrics.OUTBOX_SEND_FAILURES.labels(self.channel).inc()

@@ -25,12 +25,24 @@ from worker.logs import configure_logging, redact
         ("secret whsec_test_6f1c0b2e, next", "secret whsec_[redacted], next"),
         ("evt_1NG8Du2eZvKYlo2CUI79vXWy", "evt_1NG8Du2eZvKYlo2CUI79vXWy"),
         ("charge.refund.updated", "charge.refund.updated"),
+        ("amqp://recon:S3cr#et@rabbitmq:5672/ refused", "amqp://recon:[redacted]@rabbitmq:5672/ refused"),
+        ("postgresql://recon:p@ss@postgres/recon", "postgresql://recon:[redacted]@postgres/recon"),
+        ("dsn postgresql://u:pw@h/db for x@y.com", "dsn postgresql://u:[redacted]@h/db for [email]"),
     ],
 )
 def test_redacts_emails_and_secrets_and_nothing_else(value: str, expected: str) -> None:
     """Each value is scrubbed of e-mail addresses and Stripe secrets; ids and types pass unchanged."""
     event = {"event": "x", "detail": value, "count": 3}
     assert redact(None, "info", event) == {"event": "x", "detail": expected, "count": 3}
+
+
+def test_nested_values_are_redacted_too() -> None:
+    """A detail dict or a list of them is scrubbed at every depth; other values keep their types."""
+    event = {"detail": {"to": "x@y.com", "keys": ["sk_live_abc", 3]}, "parts": ({"n": 1},)}
+    assert redact(None, "info", event) == {
+        "detail": {"to": "[email]", "keys": ["sk_live_[redacted]", 3]},
+        "parts": [{"n": 1}],
+    }
 
 
 def test_every_line_names_the_module_that_logged_it(capsys: pytest.CaptureFixture[str]) -> None:

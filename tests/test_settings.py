@@ -85,6 +85,12 @@ def test_secrets_are_split_and_hidden_from_repr() -> None:
         ({"RECON_HOST_WEBHOOK_URL": "https://shop.example/hooks"}, "RECON_HOST_WEBHOOK_SECRET"),
         ({"RECON_NOTIFY_DASHBOARD_REFUNDS": "maybe"}, "RECON_NOTIFY_DASHBOARD_REFUNDS"),
         ({"RECON_HOST_WEBHOOK_URL": "shop.example/hooks"}, "RECON_HOST_WEBHOOK_URL must be an http"),
+        # A password with an unescaped '#', '/' or '?' cuts the host part short: the port is then a
+        # piece of the password, which the clients used to print in their error.
+        ({"DATABASE_URL": "postgresql://recon:nope#tail@db:5432/recon"}, "DATABASE_URL is not a valid URL"),
+        ({"AMQP_URL": "amqp://recon:nope/x@mq:5672/"}, "AMQP_URL is not a valid URL"),
+        ({"SMTP_URL": "smtp://mail:nope?x@mail.example:587"}, "SMTP_URL is not a valid URL"),
+        ({"DATABASE_URL": "mysql://recon:nope@db/recon"}, "DATABASE_URL must start with postgresql://"),
     ],
 )
 def test_bad_values_raise_settings_error(env: dict[str, str], needle: str) -> None:

@@ -22,6 +22,9 @@ import structlog
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 # Underscores too: a secret like whsec_test_6f1c… must not keep its tail.
 _SECRET = re.compile(r"(whsec_|sk_live_|sk_test_|rk_live_|rk_test_)[A-Za-z0-9_]+")
+# scheme://user:password@host: the password runs to the last '@' before the host, and may hold
+# anything but whitespace, an unescaped '@' included.
+_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*?@(?=[^@]*$|[^@\s]*[\s/])", re.IGNORECASE)
 
 # Libraries whose INFO lines are routine chatter: stripe writes two per API request (with the URL),
 # aio-pika and aiormq one per queue or channel closing and per reconnect. They are shown at debug;
@@ -31,15 +34,32 @@ FORMATS = ("auto", "json", "console")
 
 
 def redact(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Last line of defence: no e-mail address or Stripe secret leaves the process in a log line."""
+    """Last line of defence: no e-mail address, Stripe secret or URL password leaves the process in
+    a log line, at any depth of the values."""
     for key, value in event_dict.items():
         if isinstance(value, str):
             # The substring tests are cheap and rule out nearly every value (ids, types, outcomes).
-            if "@" in value:
-                value = event_dict[key] = _EMAIL.sub("[email]", value)
-            if "k_" in value or "whsec_" in value:
-                event_dict[key] = _SECRET.sub(r"\1[redacted]", value)
+            if "@" in value or "k_" in value or "whsec_" in value:
+                event_dict[key] = _scrubbed(value)
+        elif isinstance(value, dict | list | tuple):
+            event_dict[key] = _scrubbed(value)
     return event_dict
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        if "@" in value:
+            # A URL's password first: the e-mail pattern would take only part of it.
+            value = _URL_PASSWORD.sub(r"\1[redacted]@", value) if "://" in value else value
+            value = _EMAIL.sub("[email]", value)
+        if "k_" in value or "whsec_" in value:
+            value = _SECRET.sub(r"\1[redacted]", value)
+        return value
+    if isinstance(value, dict):
+        return {key: _scrubbed(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrubbed(item) for item in value]
+    return value
 
 
 class StdoutLogger:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
@@ -98,13 +99,26 @@ def _api_tokens(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _service_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    """``raw`` when it is a URL of one of ``schemes`` whose host and port parse. A password with an
+    unescaped '#', '/' or '?' ends the host part early, and the clients then fail with a piece of the
+    password in their error, which a log line would carry: the URL is refused here, never echoed."""
+    if not raw.startswith(tuple(f"{scheme}://" for scheme in schemes)):
+        raise SettingsError(f"{name} must start with {' or '.join(f'{s}://' for s in schemes)}")
+    try:
+        urlsplit(raw).port  # noqa: B018 - parsing is the check
+    except ValueError:
+        raise SettingsError(
+            f"{name} is not a valid URL (percent-encode '#', '/', '?' and '@' in the user and password)"
+        ) from None
+    return raw
+
+
 def _smtp_url(env: Mapping[str, str]) -> str | None:
     raw = env.get("SMTP_URL", "").strip()
     if not raw:
         return None
-    if not raw.startswith(("smtp://", "smtps://")):
-        raise SettingsError("SMTP_URL must start with smtp:// or smtps://")
-    return raw
+    return _service_url("SMTP_URL", raw, ("smtp", "smtps"))
 
 
 def _http_url(env: Mapping[str, str], name: str) -> str | None:
@@ -160,8 +174,10 @@ class Settings:
         if env is None:
             env = load_environment()
         return cls(
-            database_url=env.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
-            amqp_url=env.get("AMQP_URL") or DEFAULT_AMQP_URL,
+            database_url=_service_url(
+                "DATABASE_URL", env.get("DATABASE_URL") or DEFAULT_DATABASE_URL, ("postgresql", "postgres")
+            ),
+            amqp_url=_service_url("AMQP_URL", env.get("AMQP_URL") or DEFAULT_AMQP_URL, ("amqp", "amqps")),
             webhook_secrets=_secrets(env),
             webhook_tolerance_s=_int(env, "STRIPE_WEBHOOK_TOLERANCE_S", 300, minimum=1),
             livemode=_livemode(env),

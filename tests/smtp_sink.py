@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,10 +30,11 @@ class SmtpSink:
 
 
 @contextmanager
-def smtp_sink(port: int) -> Iterator[SmtpSink]:
-    """An SMTP server on 127.0.0.1:``port`` (aiosmtpd runs it in a thread of its own)."""
+def smtp_sink(port: int, tls_context: ssl.SSLContext | None = None) -> Iterator[SmtpSink]:
+    """An SMTP server on 127.0.0.1:``port`` (aiosmtpd runs it in a thread of its own); with
+    ``tls_context`` it offers STARTTLS."""
     sink = SmtpSink()
-    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller = Controller(sink, hostname="127.0.0.1", port=port, tls_context=tls_context)
     controller.start()
     try:
         yield sink

@@ -5,7 +5,10 @@ and the backlog metrics. The loops are driven one pass at a time (``run_once``),
 from __future__ import annotations
 
 import json
+import ssl
+import subprocess
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -181,6 +184,42 @@ async def test_a_deliverer_that_crashes_on_one_row_keeps_it_for_a_retry_and_send
         "select state, attempts, last_error from recon.outbox where channel = 'email' order by id"
     )
     assert [tuple(r) for r in rows] == [("pending", 1, "unexpected KeyError"), ("sent", 1, None)]
+
+
+def _self_signed_tls(directory: Path) -> ssl.SSLContext:
+    """A server context with a certificate no client trusts (openssl, made for this test)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+async def test_smtp_upgrades_to_tls_whenever_the_server_offers_it(
+    con: asyncpg.Connection, database_url: str, tmp_path: Path
+) -> None:
+    """A plain smtp:// URL takes STARTTLS when the server offers it, so the buyer's address (and a
+    password) never cross in clear by default: against a certificate it cannot trust, nothing is
+    sent and the row waits. ``?starttls=false`` is the explicit way to send in clear."""
+    await booked_app_refund(con, "ORD-M12", 1000, "usd", "")
+    port = free_port()
+    with smtp_sink(port, tls_context=_self_signed_tls(tmp_path)) as sink:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        try:
+            for url in (f"smtp://127.0.0.1:{port}", f"smtp://127.0.0.1:{port}?starttls=false"):
+                mail = MailDeliverer(url, "refunds@shop.example", notify_dashboard_refunds=False, timeout_s=5)
+                await OutboxSender(pool, "email", mail, AGAIN_AT_ONCE).run_once()
+                if "starttls" not in url:
+                    assert (sink.messages, await states(con, "email")) == ([], [("pending", 1)])
+        finally:
+            await pool.close()
+    assert len(sink.messages) == 1
+    assert await states(con, "email") == [("sent", 2)]
 
 
 async def test_host_webhooks_are_signed_and_retried_until_the_host_accepts(

@@ -28,6 +28,9 @@ _TEMPLATES = jinja2.Environment(
 )
 
 
+_STARTTLS = {"true": True, "false": False}
+
+
 @dataclass(frozen=True, slots=True)
 class SmtpServer:
     host: str
@@ -35,7 +38,9 @@ class SmtpServer:
     username: str | None
     password: str | None
     use_tls: bool  # smtps://: TLS from the first byte
-    start_tls: bool  # smtp://…?starttls=true
+    # smtp://: STARTTLS whenever the server offers it (None), so a password and the buyer's address
+    # never cross in clear by default; ?starttls=true requires it, ?starttls=false never upgrades.
+    start_tls: bool | None
 
     @classmethod
     def from_url(cls, url: str) -> SmtpServer:
@@ -48,7 +53,7 @@ class SmtpServer:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             use_tls=implicit,
-            start_tls=not implicit and query.get("starttls", ["false"])[0].lower() == "true",
+            start_tls=False if implicit else _STARTTLS.get(query.get("starttls", [""])[0].lower()),
         )
 
 

@@ -5,6 +5,9 @@ twice or with other values does."""
 
 from __future__ import annotations
 
+import html
+import re
+
 import asyncpg
 import pytest
 
@@ -13,6 +16,7 @@ from tests.backoffice_setup import (
     front_fixture,  # noqa: F401 - the fixture `front`
     localstripe_url_fixture,  # noqa: F401 - the fixture `localstripe_url`
     paid_order,
+    paid_payment,
 )
 from tests.console_http import console
 from tests.stripe_front import StripeFront
@@ -90,3 +94,106 @@ async def test_a_refund_with_no_amount_refunds_everything_and_a_form_reused_is_4
         {"amount": 1200, "reason": "duplicate", "notify_buyer": True, "state": "submitted"}
     ]
     assert [r["amount"] for r in stripe.created] == [1200]
+
+
+def _form_action(page: str, label: str) -> str:
+    """The action of the page's form labelled ``label``, as a browser reads the attribute."""
+    match = re.search(rf'<form method="post" action="([^"]*)"[^>]* aria-label="{re.escape(label)}">', page)
+    assert match, (label, page)
+    return html.unescape(match.group(1))
+
+
+async def _paid_owner(con: asyncpg.Connection, base: str, kind: str, number: str, amount: int) -> None:
+    """An order or invoice (``kind``) numbered ``number``, paid by one charge at Stripe."""
+    if kind == "order":
+        await paid_order(con, base, number, [amount])
+    else:
+        invoice_id = await host.add_invoice(con, number, amount_total=amount)
+        await paid_payment(con, base, invoice_id=invoice_id, amount=amount, currency="usd")
+
+
+async def _requested(con: asyncpg.Connection) -> list[tuple[str | None, str | None, int]]:
+    """Every refund request stored, oldest first: its order's number, its invoice's, its amount."""
+    rows = await con.fetch(
+        """
+        select o.number as order_number, i.number as invoice_number, r.amount
+        from recon.refund_requests r
+        left join recon.orders o on o.id = r.order_id
+        left join recon.invoices i on i.id = r.invoice_id
+        order by r.id
+        """
+    )
+    return [(r["order_number"], r["invoice_number"], r["amount"]) for r in rows]
+
+
+async def test_an_invoice_numbered_with_slashes_is_opened_and_refunded_from_its_own_page(
+    settings: Settings, con: asyncpg.Connection, front: tuple[StripeFront, str]
+) -> None:
+    """An invoice numbered INV/2024/1 (a common format): the search redirects to its URL with the
+    number as one encoded segment, the page opens, its Refund form posts to that same URL, and the
+    refund request stored is the invoice's, shown on its page after the redirect. (Its slashes once
+    went into the form's action as they are: a URL no route matched.)"""
+    stripe, base = front
+    await _paid_owner(con, base, "invoice", "INV/2024/1", 900)
+    own = "/console/invoices/INV%2F2024%2F1"
+    async with console(settings, base) as page:
+        status, _, location = await page.get("/console/search?q=INV/2024/1")
+        assert (status, location) == (303, own)
+        status, body, _ = await page.get(own)
+        assert status == 200 and "Invoice INV/2024/1" in body
+        action = _form_action(body, "Refund")
+        assert action == f"{own}/refund"
+        form = {"amount": "4.00", "reason": "duplicate", "key": "k-slashes"}
+        status, _, location = await page.post(action, form)
+        request_id = await con.fetchval("select id from recon.refund_requests")
+        assert (status, location) == (303, f"{own}?request={request_id}#refunds")
+        status, body, _ = await page.get(location.removesuffix("#refunds"))
+        assert status == 200 and f"Refund request {request_id} for $4.00: submitted" in body
+    assert await _requested(con) == [(None, "INV/2024/1", 400)]
+    assert [r["amount"] for r in stripe.created] == [400]
+
+
+@pytest.mark.parametrize("kind", ["order", "invoice"])
+async def test_an_owner_numbered_like_a_path_posts_to_its_own_url_never_another_owners(
+    kind: str, settings: Settings, con: asyncpg.Connection, front: tuple[StripeFront, str]
+) -> None:
+    """An order or invoice numbered ../orders/A1 next to an order A1: its Refund form (and an
+    order's Reject order form) posts to its own URL, not to order A1's; the refund request stored
+    is its own and order A1 has none. (With the number's slashes left as they are, the action
+    resolved to /console/orders/A1/refund: the operator would have refunded order A1.)"""
+    stripe, base = front
+    await paid_order(con, base, "A1", [1000])
+    await _paid_owner(con, base, kind, "../orders/A1", 800)
+    own = f"/console/{kind}s/..%2Forders%2FA1"
+    async with console(settings, base) as page:
+        status, body, _ = await page.get(own)
+        assert status == 200
+        action = _form_action(body, "Refund")
+        assert action == f"{own}/refund"
+        if kind == "order":
+            assert _form_action(body, "Reject order") == f"{own}/reject"
+        form = {"amount": "3.00", "reason": "duplicate", "key": f"k-dots-{kind}"}
+        status, _, location = await page.post(action, form)
+        assert status == 303 and location.startswith(f"{own}?request="), location
+    mine = ("../orders/A1", None, 300) if kind == "order" else (None, "../orders/A1", 300)
+    assert await _requested(con) == [mine]
+    assert [r["amount"] for r in stripe.created] == [300]
+
+
+async def test_a_refund_is_for_the_kind_of_its_url_whatever_the_number_says(
+    settings: Settings, con: asyncpg.Connection, front: tuple[StripeFront, str]
+) -> None:
+    """An order and an invoice both numbered A3/invoices/A3: the refund posted to the order's URL
+    is the order's and the one posted to the invoice's URL the invoice's. (The kind was once read
+    from the decoded path, where "/invoices/" made the order's refund the invoice's.)"""
+    stripe, base = front
+    await _paid_owner(con, base, "order", "A3/invoices/A3", 1000)
+    await _paid_owner(con, base, "invoice", "A3/invoices/A3", 900)
+    async with console(settings, base) as page:
+        for kind, amount in (("order", "2.00"), ("invoice", "1.00")):
+            own = f"/console/{kind}s/A3%2Finvoices%2FA3"
+            form = {"amount": amount, "reason": "duplicate", "key": f"k-kind-{kind}"}
+            status, _, location = await page.post(f"{own}/refund", form)
+            assert status == 303 and location.startswith(f"{own}?request="), (kind, location)
+    assert await _requested(con) == [("A3/invoices/A3", None, 200), (None, "A3/invoices/A3", 100)]
+    assert sorted(r["amount"] for r in stripe.created) == [100, 200]

@@ -50,6 +50,20 @@ async def test_pages_need_a_session_and_posts_need_the_csrf_token(settings: Sett
             assert response.status == 403
 
 
+async def test_an_open_route_is_known_by_its_route_not_its_decoded_path(settings: Settings) -> None:
+    """Without a session, a path that only decodes to the stylesheet's (an encoded "/") is no open
+    route: it redirects to the login like any page; the stylesheet itself is served."""
+    async with (
+        api_served(with_stripe(settings, NOWHERE)) as url,
+        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
+    ):
+        async with http.get(f"{url}/console/static%2Fconsole.css", allow_redirects=False) as response:
+            assert response.status == 303
+            assert response.headers["Location"].startswith("/console/login?next=")
+        async with http.get(f"{url}/console/static/console.css", allow_redirects=False) as response:
+            assert response.status == 200
+
+
 async def test_overview_and_search_by_number_charge_email_and_no_hit(
     settings: Settings, con: asyncpg.Connection
 ) -> None:

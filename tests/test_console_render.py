@@ -1,10 +1,12 @@
 """How the console shows a value (worker/backoffice/console/render.py): money with no amount or
-currency, times given as a datetime, a date or Unix seconds, and their age in the largest unit."""
+currency, times given as a datetime, a date or Unix seconds, and their age in the largest unit; a
+shop's or Stripe's id in a URL path."""
 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone
 
+import jinja2
 import pytest
 
 from worker.backoffice.console import render
@@ -44,3 +46,25 @@ def test_an_age_is_said_in_its_largest_whole_unit(moment: datetime | int | None,
     """No moment has no age; otherwise the largest whole unit (days pluralised), ahead or ago,
     whether the moment is a datetime or Unix seconds."""
     assert render.age(moment, NOW) == shown
+
+
+def test_an_id_in_a_url_path_is_one_segment_whatever_it_contains() -> None:
+    """A number or id goes into a URL path with every reserved character encoded, "/" too: it
+    stays one segment, so it neither misses its route nor names another owner's."""
+    assert render.path_segment("INV/2024/1") == "INV%2F2024%2F1"
+    assert render.path_segment("../orders/A1") == "..%2Forders%2FA1"
+    assert render.path_segment("a?b#c%d e&f+g") == "a%3Fb%23c%25d%20e%26f%2Bg"
+    assert render.path_segment(42) == "42"
+    assert render.owner_url("invoice", "INV/2024/1") == "/console/invoices/INV%2F2024%2F1"
+    assert render.owner_url("order", "ORD-1") == "/console/orders/ORD-1"
+
+
+def test_every_template_loads_and_none_can_use_urlencode() -> None:
+    """Every console template compiles; ``urlencode`` (which keeps "/") is no filter here, so a
+    template that put an id into a path with it would fail to load rather than link elsewhere."""
+    names = render.ENVIRONMENT.list_templates()
+    assert "owner.html.j2" in names
+    for name in names:
+        render.ENVIRONMENT.get_template(name)
+    with pytest.raises(jinja2.TemplateAssertionError):
+        render.ENVIRONMENT.from_string("{{ number | urlencode }}")

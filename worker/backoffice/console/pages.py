@@ -33,7 +33,9 @@ log = structlog.get_logger(__name__)
 
 PREFIX = "/console"
 _STYLESHEET = resources.files("worker.backoffice.console").joinpath("static/console.css").read_bytes()
-_OPEN_PATHS = frozenset({f"{PREFIX}/login", f"{PREFIX}/static/console.css"})
+# The routes (by name) open without a session. By the route matched, not the decoded path, which
+# "/console/static%2Fconsole.css" would make equal to the stylesheet's.
+_OPEN_ROUTES = frozenset({"login", "stylesheet"})
 _TEXT_MAX = 2000
 _SECURITY_HEADERS = {
     # No script, no outside origin: the console works offline and an injected tag does nothing.
@@ -101,7 +103,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in _OPEN_PATHS:
+    if request.match_info.route.name in _OPEN_ROUTES:
         return await handler(request)
     state = _state(request)
     cookie = request.cookies.get(session.SESSION_COOKIE)
@@ -209,7 +211,7 @@ async def search(request: web.Request) -> web.StreamResponse:
         found = await reads.search(con, query)
     if len(found) == 1:
         kind, number = found[0]
-        return _see_other(f"{PREFIX}/{kind}s/{quote(number, safe='')}")
+        return _see_other(render.owner_url(kind, number))
     return await _html(request, "search.html.j2", {"query": query, "found": found})
 
 
@@ -287,9 +289,16 @@ def _refused_words(refused: store.RefundRefused, money: Callable[[int | None, st
     return f"Refused: {refused.detail}."
 
 
-async def post_refund(request: web.Request) -> web.StreamResponse:
-    kind: OwnerKind = "invoice" if "/invoices/" in request.path else "order"
-    number = request.match_info["number"]
+def _refund_post(kind: OwnerKind) -> Handler:
+    # The kind is the route's, never read back from the path: a number is the shop's own text and
+    # may itself contain "/invoices/".
+    async def post(request: web.Request) -> web.StreamResponse:
+        return await _post_refund(request, kind, request.match_info["number"])
+
+    return post
+
+
+async def _post_refund(request: web.Request, kind: OwnerKind, number: str) -> web.StreamResponse:
     form = await request.post()
     fields = {name: _field(form, name) for name in ("amount", "reason", "note", "message", "key")}
     fields["notify_buyer"] = "on" if form.get("notify_buyer") else ""
@@ -337,7 +346,7 @@ async def post_refund(request: web.Request) -> web.StreamResponse:
         message = "This form was already sent with other values. Reload the page and try again."
         return await _render_owner(request, kind, number, error=message, form=fields, status=409)
     made = answer.request["id"] if answer.request else ""
-    return _see_other(f"{PREFIX}/{kind}s/{quote(number, safe='')}?request={made}#refunds")
+    return _see_other(f"{render.owner_url(kind, number)}?request={made}#refunds")
 
 
 async def _refusal(
@@ -375,7 +384,7 @@ async def post_reject(request: web.Request) -> web.StreamResponse:
         message = "This form was already sent with other values. Reload the page and try again."
         return await _render_owner(request, "order", number, error=message, status=409)
     made = answer.request["id"] if answer.request else ""
-    return _see_other(f"{PREFIX}/orders/{quote(number, safe='')}?request={made}#refunds")
+    return _see_other(f"{render.owner_url('order', number)}?request={made}#refunds")
 
 
 async def exceptions_page(request: web.Request) -> web.StreamResponse:
@@ -492,16 +501,16 @@ async def not_found(request: web.Request) -> web.StreamResponse:
 def console_app() -> web.Application:
     """The console as a sub-application; its state (CONSOLE_STATE) is set on the parent app."""
     app = web.Application(middlewares=[guard])
-    app.router.add_route("*", "/login", login_page)
+    app.router.add_route("*", "/login", login_page, name="login")
     app.router.add_post("/logout", logout)
-    app.router.add_get("/static/console.css", stylesheet)
+    app.router.add_get("/static/console.css", stylesheet, name="stylesheet")
     app.router.add_get("/", overview)
     app.router.add_get("/search", search)
     app.router.add_get("/orders/{number}", _owner_page("order"))
-    app.router.add_post("/orders/{number}/refund", post_refund)
+    app.router.add_post("/orders/{number}/refund", _refund_post("order"))
     app.router.add_post("/orders/{number}/reject", post_reject)
     app.router.add_get("/invoices/{number}", _owner_page("invoice"))
-    app.router.add_post("/invoices/{number}/refund", post_refund)
+    app.router.add_post("/invoices/{number}/refund", _refund_post("invoice"))
     app.router.add_get("/exceptions", exceptions_page)
     app.router.add_post("/exceptions/{id}/resolve", post_resolve)
     app.router.add_post("/exceptions/{id}/retry", post_retry)

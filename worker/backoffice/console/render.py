@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 
@@ -30,6 +31,31 @@ ENVIRONMENT = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def path_segment(value: object) -> str:
+    """``value`` as one URL path segment: every character but the unreserved ones percent-encoded.
+
+    Order and invoice numbers are the shop's own text and ids come from Stripe: a ``/`` left as is
+    (Jinja's ``urlencode`` keeps it) would split the segment, so ``INV/2024/1`` matched no route
+    and ``../orders/A1`` made an invoice's refund form post to order A1's URL. aiohttp's router
+    matches the encoded segment and hands the decoded value to ``match_info``. Only a value that
+    is nothing but ``.`` or ``..`` stays a dot segment a browser resolves away; it then reaches no
+    route (a 404), never another owner's.
+    """
+    return quote(str(value), safe="")
+
+
+def owner_url(kind: str, number: str) -> str:
+    """The console page of an order or invoice (``kind``), for a link, a form action or a redirect."""
+    return f"/console/{kind}s/{path_segment(number)}"
+
+
+ENVIRONMENT.filters["path_segment"] = path_segment
+ENVIRONMENT.globals["owner_url"] = owner_url
+# ``urlencode`` leaves ``/`` as is: a template that uses it for a path fails to load rather than
+# build a URL that points somewhere else (see path_segment).
+del ENVIRONMENT.filters["urlencode"]
 
 
 # The keys of an exception's detail whose value is money in minor units, as the handlers, the

@@ -83,6 +83,40 @@ async def test_a_request_holds_back_its_amount_until_booked_and_not_twice(con: a
     assert tuple(await con.fetchrow(sql)) == (400, 600)
 
 
+async def test_refundable_now_is_what_each_payment_can_still_give_as_the_cap_counts_it(
+    con: asyncpg.Connection,
+) -> None:
+    """A request's part held on payment B, then a dispute opens on B: B gives nothing now and its
+    part holds nothing back from A, so the order's refundable_now is A's whole 1000, the cap the
+    back office applies (not 1000 less the part, which the order-level sum used to show)."""
+    _older, newer = await paid_order(con, None, "ORD-L6", [1000, 600])
+    await request(con, "ORD-L6", 600)  # newest first: all of it on the newer payment
+    dispute = b.dispute(charge_id=newer, amount=600, status="needs_response")
+    await host.apply(con, b.incoming(b.dispute_event("charge.dispute.created", dispute)))
+    cap = await con.fetchval("select sum(refundable) from recon.payment_refundable")  # this order's only
+    now = await con.fetchval(
+        "select refundable_now from finance.order_balances where order_number = 'ORD-L6'"
+    )
+    assert (now, cap) == (1000, 1000)
+
+
+async def test_an_owners_balances_count_only_payments_in_its_own_currency(con: asyncpg.Connection) -> None:
+    """A yen order for which the host also recorded a dollar payment: the order's captured,
+    refundable and balance are in yen only; the dollar payment shows in payment_balances, in dollars."""
+    await paid_order(con, None, "ORD-L7", [100_000], currency="jpy")
+    order_id = await con.fetchval("select id from recon.orders where number = 'ORD-L7'")
+    dollars = await paid_payment(con, None, order_id=order_id, amount=5000, currency="usd")
+    row = await con.fetchrow(
+        "select currency, captured, refundable_now, balance_due from finance.order_balances"
+        " where order_number = 'ORD-L7'"
+    )
+    assert tuple(row) == ("jpy", 100_000, 100_000, 0)
+    shown = await con.fetchrow(
+        "select currency, amount from finance.payment_balances where stripe_charge_id = $1", dollars
+    )
+    assert tuple(shown) == ("usd", 5000)
+
+
 async def test_a_refund_that_fails_ends_its_request_failed_and_tells_the_host(
     con: asyncpg.Connection,
 ) -> None:

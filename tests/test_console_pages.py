@@ -432,11 +432,22 @@ def test_a_session_ends_with_its_token_and_its_lifetime() -> None:
 
 async def test_sign_out_with_the_csrf_token_ends_the_session(settings: Settings) -> None:
     """Sign out (POST with the CSRF field) redirects to the login and drops the cookie: the next
-    page redirects to the login again."""
+    page redirects to the login again. A copy of the cookie taken before is refused too: the
+    sign-out is recorded, not only deleted from this browser."""
     async with console(settings) as page:
+        copied = next(c.value for c in page.http.cookie_jar if c.key == session.SESSION_COOKIE)
         assert await page.post("/console/logout", {}) == (303, "", "/console/login")
         status, _, location = await page.get("/console/payouts")
         assert (status, location) == (303, "/console/login?next=/console/payouts")
+        async with aiohttp.ClientSession() as other:
+            headers = {"Cookie": f"{session.SESSION_COOKIE}={copied}"}
+            async with other.get(
+                page.url + "/console/payouts", headers=headers, allow_redirects=False
+            ) as replay:
+                assert (replay.status, replay.headers["Location"]) == (
+                    303,
+                    "/console/login?next=/console/payouts",
+                )
 
 
 def test_a_cookie_whose_claims_have_the_wrong_types_is_no_session() -> None:

@@ -108,6 +108,10 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     state = _state(request)
     cookie = request.cookies.get(session.SESSION_COOKIE)
     active = session.read(state.settings.api_tokens, cookie, state.clock())
+    if active is not None:
+        async with state.pool.acquire() as con:
+            if await session.signed_out(con, active):
+                active = None
     if active is None:
         return _to_login(request)
     request[SESSION] = active
@@ -186,6 +190,9 @@ async def _login(request: web.Request) -> web.StreamResponse:
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
+    # Recorded, not only deleted from this browser: a copy of the cookie ends with it.
+    async with _state(request).pool.acquire() as con:
+        await session.sign_out(con, request[SESSION])
     response = _see_other(f"{PREFIX}/login")
     response.del_cookie(session.SESSION_COOKIE, path=PREFIX)
     return response

@@ -3,8 +3,10 @@ every form carries.
 
 The cookie holds who (the token's name), until when, and a random nonce, signed with a key derived
 from that name's token: no session store, every replica of the API accepts it, and changing or
-removing a token in RECON_API_TOKENS ends its sessions. The CSRF token is derived from the session
-(its key and nonce), so a page of another site can neither read nor guess it. Before sign-in, the
+removing a token in RECON_API_TOKENS ends its sessions. Signing out records the session's digest
+in recon.console_sign_outs until it expires, and the guard refuses it from then on. The CSRF token
+is derived from the session (its key and nonce), so a page of another site can neither read nor
+guess it. Before sign-in, the
 login form's CSRF token is a random value also set as a cookie (double submit).
 """
 
@@ -16,9 +18,19 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
+import asyncpg
 import orjson
 
 SESSION_COOKIE = "recon_console"
+# Expired sign-outs go as a new one is recorded: the table holds at most the sessions of the last
+# RECON_CONSOLE_SESSION_S that were signed out.
+_SIGN_OUT = """
+with pruned as (delete from recon.console_sign_outs where expires_at < now())
+insert into recon.console_sign_outs (session_digest, expires_at)
+values ($1, to_timestamp($2))
+on conflict (session_digest) do nothing
+"""
+_SIGNED_OUT = "select exists (select 1 from recon.console_sign_outs where session_digest = $1)"
 LOGIN_COOKIE = "recon_console_login"
 _SESSION_CONTEXT = b"recon-console-session-v1"
 
@@ -28,6 +40,7 @@ class Session:
     operator: str  # the token's name: who acts
     expires_at: int  # unix seconds
     csrf: str
+    digest: str  # of the cookie's nonce: what a sign-out records (recon.console_sign_outs)
 
 
 def _b64(raw: bytes) -> str:
@@ -78,7 +91,7 @@ def read(tokens: tuple[tuple[str, str], ...], cookie: str | None, now: float) ->
     expected = _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest())
     if not hmac.compare_digest(expected.encode(), signature.encode()) or expires_at <= now:
         return None
-    return Session(name, expires_at, _csrf(key, nonce))
+    return Session(name, expires_at, _csrf(key, nonce), hashlib.sha256(nonce.encode()).hexdigest())
 
 
 def new_login_csrf() -> str:
@@ -90,3 +103,12 @@ def same_token(expected: str | None, given: str | None) -> bool:
     if not expected or not given:
         return False
     return hmac.compare_digest(expected.encode(), given.encode())
+
+
+async def sign_out(con: asyncpg.Connection, active: Session) -> None:
+    """From now on ``active`` is refused, on every replica, until it would have expired anyway."""
+    await con.execute(_SIGN_OUT, active.digest, active.expires_at)
+
+
+async def signed_out(con: asyncpg.Connection, active: Session) -> bool:
+    return bool(await con.fetchval(_SIGNED_OUT, active.digest))

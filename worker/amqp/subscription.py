@@ -36,6 +36,10 @@ class Subscription:
     stopped: bool = False  # cancelled by us: nothing may consume on it again
     # One change of consumer at a time: a prefetch change, a consume after a reopen, the stop.
     _changing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The aiormq channel ``tag`` consumes on: a reopen and a prefetch change can both find a new
+    # channel, and only one of them may consume on it (two consumers would double the window, and
+    # the stop would cancel one of them).
+    _tag_channel: Any = None
 
     async def start(self) -> None:
         self.channel.reopen_callbacks.add(self._reopened)
@@ -43,14 +47,18 @@ class Subscription:
 
     async def _reopened(self, *_channel: Any) -> None:
         async with self._changing:
-            if not self.stopped:
+            if not self.stopped and not await self._consuming_on_current():
                 await self._consume()
+
+    async def _consuming_on_current(self) -> bool:
+        underlay = await self.channel.get_underlay_channel()
+        return self.tag is not None and self._tag_channel is underlay
 
     async def _consume(self) -> None:
         underlay = await self.channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancel)
         consume_ok = await underlay.basic_consume(self.queue_name, self._deliver)
-        self.tag = consume_ok.consumer_tag
+        self.tag, self._tag_channel = consume_ok.consumer_tag, underlay
         self.cancelled_by_broker = False
 
     async def _deliver(self, delivered: DeliveredMessage) -> None:
@@ -78,8 +86,9 @@ class Subscription:
                 return
             await self.channel.set_qos(prefetch_count=prefetch, timeout=timeout_s)  # kept for a reopen too
             if self.tag is not None and not self.channel.is_closed:
-                underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
-                await underlay.basic_cancel(self.tag, timeout=timeout_s)
+                if await asyncio.wait_for(self._consuming_on_current(), timeout_s):
+                    await self._tag_channel.basic_cancel(self.tag, timeout=timeout_s)
+                # else: the tag was a closed channel's; the reopen's consume is this one
                 self.tag = None
                 if not self.stopped:
                     await self._consume()
@@ -88,11 +97,20 @@ class Subscription:
         """Stop deliveries (what was delivered stays ours to finish); after this no reopen consumes."""
         self.stopped = True
         self.channel.reopen_callbacks.discard(self._reopened)
-        # After a prefetch change in progress, which ends within its own timeout.
-        async with self._changing:
+        # After a prefetch change in progress; one stuck on a broker that went away does not hold
+        # the stop past ``timeout_s`` (it sees ``stopped`` before it would consume again).
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._changing.acquire()
+        except TimeoutError:
+            log.warning("consumer_cancel_not_waited", queue=self.queue_name, after_s=timeout_s)
+            return
+        try:
             if self.tag is not None and not self.channel.is_closed:
-                underlay = await asyncio.wait_for(self.channel.get_underlay_channel(), timeout_s)
-                await underlay.basic_cancel(self.tag, timeout=timeout_s)
+                if await asyncio.wait_for(self._consuming_on_current(), timeout_s):
+                    await self._tag_channel.basic_cancel(self.tag, timeout=timeout_s)
+        finally:
+            self._changing.release()
 
 
 async def subscribe(

@@ -325,7 +325,8 @@ async def test_an_order_with_a_payment_in_another_currency_is_refunded_by_charge
     """A yen order for which the host also recorded a dollar charge: a refund or reject by order is
     422 currency_mismatch naming that charge (one amount cannot be split over two currencies, and
     dollars would go back for yen), nothing is stored, the order is not rejected and Stripe is not
-    called. Each charge can still be refunded on its own, in its own currency."""
+    called. Each charge can still be refunded on its own, in its own currency, and once the dollar
+    payment has nothing left to give the order can be rejected."""
     api, base = front
     (yen,) = await paid_order(con, base, "ORD-A10", [100_000], currency="jpy")
     order_id = await con.fetchval("select id from recon.orders where number = 'ORD-A10'")
@@ -338,9 +339,13 @@ async def test_an_order_with_a_payment_in_another_currency_is_refunded_by_charge
         reject = await post(http, f"{url}/v1/orders/ORD-A10/reject", {"note": "out of stock"})
         requests_before = await con.fetchval("select count(*) from recon.refund_requests")
         calls_before = api.create_calls
+        status_before = await con.fetchval("select status from recon.orders where number = 'ORD-A10'")
         by_charge = await post(
             http, f"{url}/v1/refunds", {"charge": yen, "amount": 30_000, "reason": "duplicate"}, key="m2"
         )
+        # Once the dollar payment can give nothing (here: voided), it no longer stands in the way.
+        await con.execute("update recon.payments set status = 'voided' where stripe_charge_id = $1", dollars)
+        rejected = await post(http, f"{url}/v1/orders/ORD-A10/reject", {"note": "out of stock"})
     for status, answer in (by_order, reject):
         assert (status, answer["error"], answer["charges"], answer["currency"]) == (
             422,
@@ -349,6 +354,7 @@ async def test_an_order_with_a_payment_in_another_currency_is_refunded_by_charge
             "jpy",
         ), answer
     assert (requests_before, calls_before) == (0, 0)
-    assert await con.fetchval("select status from recon.orders where number = 'ORD-A10'") != "rejected"
+    assert status_before != "rejected"
     assert by_charge[0] == 201
     assert (by_charge[1]["amount"], by_charge[1]["currency"]) == (30_000, "jpy")
+    assert (rejected[0], rejected[1]["amount"], rejected[1]["currency"]) == (201, 70_000, "jpy")

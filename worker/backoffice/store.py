@@ -209,7 +209,13 @@ async def create_request(
             for r in await con.fetch(_LOCK_PAYMENTS, owner.payment_id, owner.order_id, owner.invoice_id)
         ]
         rows = await con.fetch(_REFUNDABLE, locked)
-        foreign = [str(r["stripe_charge_id"] or r["id"]) for r in rows if r["currency"] != owner.currency]
+        # Only payments that could still give something: one refunded, voided or without a charge
+        # must not keep its order from being rejected.
+        foreign = [
+            str(r["stripe_charge_id"])
+            for r in rows
+            if r["currency"] != owner.currency and r["refundable"] > 0
+        ]
         if foreign:
             raise CurrencyMismatch(f"{ask.owner_kind} {ask.owner}", owner.currency, sorted(foreign))
         refundable = [(int(r["id"]), int(r["refundable"])) for r in rows]

@@ -156,20 +156,35 @@ class Publisher:
             raise PublishFailed(f"broker answered {type(confirmation).__name__}")
 
     async def _renew(self, nacked: AbstractChannel) -> None:
-        """A new confirm channel in place of ``nacked``, once however many publishes it failed."""
+        """A new confirm channel in place of ``nacked``, once however many publishes it failed.
+
+        Bounded like a publish: the failing publish waits for the new channel at most
+        PUBLISH_TIMEOUT_S, and the nacked one is closed in the background (its Close-Ok may take
+        a heartbeat interval on a broker that is failing over)."""
         if self._reopen is None:
             return
         async with self._renewing:
             if self._channel is not nacked:
                 return  # another publish renewed it already
             try:
-                self._channel = await self._reopen()
+                async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                    self._channel = await self._reopen()
             except _CHANNEL_ERRORS as exc:
                 log.warning("broker_channel_renew_failed", error=type(exc).__name__)
                 return
             log.warning("broker_channel_renewed")
-        with contextlib.suppress(*_CHANNEL_ERRORS):
-            await nacked.close()
+        closing = asyncio.create_task(_close_quietly(nacked))
+        _CLOSING.add(closing)
+        closing.add_done_callback(_CLOSING.discard)
+
+
+# Closes in progress, referenced until done (the event loop keeps only weak references to tasks).
+_CLOSING: set[asyncio.Task[None]] = set()
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(*_CHANNEL_ERRORS):
+        await channel.close()
 
 
 @asynccontextmanager

@@ -19,12 +19,15 @@ from typing import Any
 import orjson
 import structlog
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+\.[\w.-]+")  # starts at a run's start: linear
 # Underscores too: a secret like whsec_test_6f1c… must not keep its tail.
 _SECRET = re.compile(r"(whsec_|sk_live_|sk_test_|rk_live_|rk_test_)[A-Za-z0-9_]+")
 # scheme://user:password@host: the password runs to the last '@' before the host, and may hold
-# anything but whitespace, an unescaped '@' included.
-_URL_PASSWORD = re.compile(r"([a-z][a-z0-9+.-]*://[^:/@\s]*:)\S*?@(?=[^@]*$|[^@\s]*[\s/])", re.IGNORECASE)
+# anything but whitespace and '/', an unescaped '@' included (a '/' means a path: a URL without a
+# password). The lookbehind keeps a long run of scheme characters from being tried at every offset.
+_URL_PASSWORD = re.compile(
+    r"(?<![a-z0-9+.-])([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^\s/]*?@(?=[^@]*$|[^@\s]*[\s/])", re.IGNORECASE
+)
 
 # Libraries whose INFO lines are routine chatter: stripe writes two per API request (with the URL),
 # aio-pika and aiormq one per queue or channel closing and per reconnect. They are shown at debug;

@@ -71,6 +71,20 @@ def test_secrets_are_split_and_hidden_from_repr() -> None:
 
 
 @pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:p@h1:5432,h2:5432/db?target_session_attrs=read-write",
+        "postgresql:///recon?host=/var/run/postgresql",
+        "postgresql://recon@[::1]/recon",
+        "postgresql://recon:p%23ss@db:5432/recon",
+    ],
+)
+def test_service_urls_that_parse_are_taken_as_given(url: str) -> None:
+    """Several hosts, a socket directory, IPv6 and a percent-encoded password are all fine."""
+    assert Settings.from_env({"DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize(
     ("env", "needle"),
     [
         ({"RECON_HTTP_PORT": "eighty"}, "RECON_HTTP_PORT"),
@@ -91,6 +105,7 @@ def test_secrets_are_split_and_hidden_from_repr() -> None:
         ({"AMQP_URL": "amqp://recon:nope/x@mq:5672/"}, "AMQP_URL is not a valid URL"),
         ({"SMTP_URL": "smtp://mail:nope?x@mail.example:587"}, "SMTP_URL is not a valid URL"),
         ({"DATABASE_URL": "mysql://recon:nope@db/recon"}, "DATABASE_URL must start with postgresql://"),
+        ({"DATABASE_URL": "postgresql://recon:1234#nope@db/recon"}, "DATABASE_URL is not a valid URL"),
     ],
 )
 def test_bad_values_raise_settings_error(env: dict[str, str], needle: str) -> None:

@@ -106,7 +106,13 @@ def _service_url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     if not raw.startswith(tuple(f"{scheme}://" for scheme in schemes)):
         raise SettingsError(f"{name} must start with {' or '.join(f'{s}://' for s in schemes)}")
     try:
-        urlsplit(raw).port  # noqa: B018 - parsing is the check
+        parts = urlsplit(raw)
+        # A password cut short leaves its '@' (and the host) out of the authority.
+        cut = "@" in raw.split("?", 1)[0] and "@" not in parts.netloc
+        if cut:
+            raise ValueError
+        if "," not in parts.netloc:  # several hosts (PostgreSQL's multi-host form): each has its port
+            parts.port  # noqa: B018 - parsing is the check
     except ValueError:
         raise SettingsError(
             f"{name} is not a valid URL (percent-encode '#', '/', '?' and '@' in the user and password)"

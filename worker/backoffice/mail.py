@@ -38,8 +38,10 @@ class SmtpServer:
     username: str | None
     password: str | None
     use_tls: bool  # smtps://: TLS from the first byte
-    # smtp://: STARTTLS whenever the server offers it (None), so a password and the buyer's address
-    # never cross in clear by default; ?starttls=true requires it, ?starttls=false never upgrades.
+    # smtp://: STARTTLS whenever the server offers it (None; the certificate is checked and there is
+    # no falling back to clear), so a server that offers TLS gets the password and the buyer's
+    # address only over it; ?starttls=true refuses a server that does not offer it, and
+    # ?starttls=false never upgrades.
     start_tls: bool | None
 
     @classmethod
@@ -94,7 +96,7 @@ def _buildable(payload: dict[str, Any], mail_from: str) -> EmailMessage:
     try:
         message = build_refund_email(payload, mail_from)
         recipients = message["To"].addresses
-    except (ValueError, email.errors.MessageError) as exc:
+    except (ValueError, TypeError, AttributeError, email.errors.MessageError) as exc:  # no To at all
         raise DeliveryFailed(f"the message cannot be built ({type(exc).__name__})", permanent=True) from None
     if len(recipients) != 1 or not recipients[0].addr_spec or "@" not in recipients[0].addr_spec:
         raise DeliveryFailed(f"To is not one address ({len(recipients)} found)", permanent=True)

@@ -56,7 +56,13 @@ class AckWindow:
 
     async def ack(self, *messages: Delivery) -> bool:
         """Ack ``messages`` once they and everything delivered before them are finished: one frame
-        for all of them (and whatever finished run they complete) when they reach the head."""
+        for all of them (and whatever finished run they complete) when they reach the head.
+
+        Shielded, like each frame: a caller cancelled mid-way (a stop) must not release the lock
+        while a frame it decided is still waiting to be written, or the next could overtake it."""
+        return await asyncio.shield(self._ack(messages))
+
+    async def _ack(self, messages: tuple[Delivery, ...]) -> bool:
         async with self._sending:
             for message in messages:
                 self._finished[_tag(message)] = message
@@ -72,7 +78,11 @@ class AckWindow:
             return acked
 
     async def nack(self, message: Delivery) -> bool:
-        """Requeue ``message`` now; it counts as finished for the acks held behind it."""
+        """Requeue ``message`` now; it counts as finished for the acks held behind it (shielded as
+        ``ack`` is)."""
+        return await asyncio.shield(self._nack(message))
+
+    async def _nack(self, message: Delivery) -> bool:
         async with self._sending:
             self._finished[_tag(message)] = message
             self._settled.add(_tag(message))

@@ -1,11 +1,21 @@
 -- An order's (or invoice's) balances count only the payments in its own currency, and what is
 -- refundable now is the sum of what each of them can still give, as the back office's cap counts
--- it (recon.payment_refundable: each payment less the unbooked parts held against it, nothing
--- without a charge). Before, the views added minor units across currencies when the host had
+-- it (recon.payment_refundable: each payment less the unbooked parts held against it). Before, the views added minor units across currencies when the host had
 -- recorded a payment in another currency, and subtracted every unbooked part at the owner's level:
 -- a part held on a payment that was then disputed (refundable 0) still lowered the owner's figure,
 -- so the console and the API's refundable_after showed less than could be refunded. The columns
 -- are unchanged. A payment in another currency still shows in finance.payment_balances, in its own.
+
+-- A payment without a charge gives nothing: there is nothing at Stripe to refund. Said once here,
+-- for the cap (worker/backoffice/store.py) and the balances alike; the columns are 0005's.
+create or replace view recon.payment_refundable as
+select m.payment_id,
+       case when p.stripe_charge_id is null then 0
+            else greatest(m.refundable - coalesce((select sum(u.amount) from recon.unbooked_parts u
+                                                   where u.payment_id = m.payment_id), 0), 0)
+       end::bigint as refundable
+from recon.payment_money m
+join recon.payments p on p.id = m.payment_id;
 
 create or replace view finance.order_balances as
 select
@@ -23,8 +33,7 @@ from recon.orders o
 cross join lateral (
     select coalesce(sum(m.captured), 0)::bigint as captured,
            coalesce(sum(m.refunded), 0)::bigint as refunded,
-           coalesce(sum(r.refundable) filter (where p.stripe_charge_id is not null), 0)::bigint
-               as refundable_now,
+           coalesce(sum(r.refundable), 0)::bigint as refundable_now,
            coalesce(sum(m.net_amount), 0)::bigint as net_amount
     from recon.payments p
     join recon.payment_money m on m.payment_id = p.id
@@ -48,8 +57,7 @@ from recon.invoices i
 cross join lateral (
     select coalesce(sum(m.captured), 0)::bigint as captured,
            coalesce(sum(m.refunded), 0)::bigint as refunded,
-           coalesce(sum(r.refundable) filter (where p.stripe_charge_id is not null), 0)::bigint
-               as refundable_now,
+           coalesce(sum(r.refundable), 0)::bigint as refundable_now,
            coalesce(sum(m.net_amount), 0)::bigint as net_amount
     from recon.payments p
     join recon.payment_money m on m.payment_id = p.id

@@ -114,8 +114,7 @@ for update
 # Read after the locks were granted: in READ COMMITTED this statement sees every request and
 # booking committed by whoever held them before. Newest payment first: the order of the split.
 _REFUNDABLE = """
-select p.id, p.stripe_charge_id, p.currency,
-       case when p.stripe_charge_id is null then 0 else r.refundable end as refundable
+select p.id, p.stripe_charge_id, p.currency, r.refundable
 from recon.payments p join recon.payment_refundable r on r.payment_id = p.id
 where p.id = any($1::bigint[])
 order by p.id desc

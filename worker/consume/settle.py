@@ -37,16 +37,19 @@ def _headers(item: Inbound, extra: dict[str, Any]) -> dict[str, Any]:
     return headers
 
 
-def _copy(item: Inbound, extra: dict[str, Any]) -> Outgoing:
+def _copy(item: Inbound, headers: dict[str, Any]) -> Outgoing:
     original = item.message
-    return persistent_message(original.body, original.message_id, original.type, _headers(item, extra))
+    return persistent_message(original.body, original.message_id, original.type, headers)
 
 
 async def _keep_copy(item: Inbound, fate: Fate, publisher: Publisher, pool: asyncpg.Pool) -> None:
     if fate.action == "retry":
         if fate.delay_s is None:
             raise FateWithoutDelay(f"retry of {item.event_id} without a delay")
-        counts = {topology.HEADER_ATTEMPT: item.attempt + 1, topology.HEADER_FAILURES: fate.failures}
+        # Built once: the row keeps them (defer copies what it keeps), and so does the fallback.
+        headers = _headers(
+            item, {topology.HEADER_ATTEMPT: item.attempt + 1, topology.HEADER_FAILURES: fate.failures}
+        )
         try:
             await deferrals.defer(
                 pool,
@@ -54,20 +57,20 @@ async def _keep_copy(item: Inbound, fate: Fate, publisher: Publisher, pool: asyn
                 event_id=item.event_id,
                 message_type=item.message.type,
                 body=item.message.body,
-                headers=_headers(item, counts),
+                headers=headers,
             )
         except DATABASE_ERRORS as exc:
             # PostgreSQL cannot keep it (an outage: such batches defer as database_unavailable),
             # so the broker's wait queue does, whose TTL returns it to the work queue.
             log.info("deferred_to_wait_queue", event_id=item.event_id, error=type(exc).__name__)
-            await publisher.publish_to_queue(_copy(item, counts), topology.retry_queue_name(fate.delay_s))
+            await publisher.publish_to_queue(_copy(item, headers), topology.retry_queue_name(fate.delay_s))
     elif fate.action == "dead_letter":
         extra = {
             topology.HEADER_ATTEMPT: item.attempt,
             topology.HEADER_FAILURES: fate.failures,
             topology.HEADER_ERROR: fate.error or "unknown error",
         }
-        await publisher.publish_dead_letter(_copy(item, extra))
+        await publisher.publish_dead_letter(_copy(item, _headers(item, extra)))
 
 
 async def settle(item: Inbound, fate: Fate, publisher: Publisher, acks: Acks, pool: asyncpg.Pool) -> bool:
